@@ -1,0 +1,97 @@
+"""Llama 4 mixture of experts: sigmoid top-k router, sparse routed experts, always-on shared expert.
+
+Only the experts a token selected run: tokens are grouped by expert and each selected expert's weights
+are touched once per forward. The router score scales the expert's *input* (the references multiply
+before the SwiGLU, which is not linear, so this differs from scaling the output).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from .layers import Linear, SwiGLU, linear
+
+
+def expert_linear(x: torch.Tensor, weight: Any, expert: int) -> torch.Tensor:
+    """``x @ weight[expert].T`` for a dense [E, out, in] tensor or a quantized expert stack."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight[expert])
+    return weight.expert_linear(x, expert)
+
+
+class Experts(nn.Module):
+    """Routed experts stored per projection as [E, out, in] (GGUF's layout)."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden), requires_grad=False)
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate), requires_grad=False)
+
+    def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        g = expert_linear(x, self.gate_proj, e)
+        u = expert_linear(x, self.up_proj, e)
+        return expert_linear(F.silu(g) * u, self.down_proj, e)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; expert_ids, scores [N, k] -> sum over k of Expert_e(score * x), [N, H]."""
+        n, k = expert_ids.shape
+        flat_ids = expert_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of = order // k  # which token each sorted assignment belongs to
+        scaled_in = x[token_of] * scores.reshape(-1)[order, None]
+        out = torch.zeros_like(x)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            sl = slice(start, start + count)
+            out.index_add_(0, token_of[sl], self.run_expert(e, scaled_in[sl]))
+            start += count
+        return out
+
+
+class Router(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(
+            torch.empty(config.num_local_experts, config.hidden_size), requires_grad=False
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (expert ids [N, k], scores [N, k] in x's dtype, router logits [N, E])."""
+        logits = linear(x, self.weight)
+        top_vals, top_ids = torch.topk(logits, self.top_k, dim=-1)
+        scores = torch.sigmoid(top_vals.float()).to(x.dtype)
+        return top_ids, scores, logits
+
+
+class MoE(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.router = Router(config)
+        self.experts = Experts(config.num_local_experts, config.hidden_size, config.intermediate_size)
+        self.shared_expert = SwiGLU(config.hidden_size, config.intermediate_size)
+        # Observers (imatrix, expert-utilisation stats) may set this: called with (expert ids [N, k]).
+        self.route_hook = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        ids, scores, _ = self.router(flat)
+        if self.route_hook is not None:
+            self.route_hook(ids)
+        out = self.shared_expert(flat)
+        out = out + self.experts(flat, ids, scores)
+        return out.view(shape)
+
+
+__all__ = ["MoE", "Experts", "Router", "Linear", "expert_linear"]

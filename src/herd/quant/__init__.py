@@ -1,0 +1,1 @@
+"""Quantization: block codecs, quantized tensors, importance matrices, plans."""
