@@ -113,28 +113,32 @@ def test_cached_decoding_equals_full_forward(models):
 
 
 def test_rows_at_different_positions(models):
-    """A batch whose rows sit at different positions (what a serving engine does) matches each row alone."""
+    """Sequences prefilled alone, then decoded together at different positions (what a serving engine
+    does), match each sequence's full forward; dropping a finished row leaves the others intact."""
     _, llm = models["all_moe_qknorm"]
     model = llm.model
-    a = torch.randint(0, llm.config.vocab_size, (1, 19), generator=torch.Generator().manual_seed(3))
-    b = torch.randint(0, llm.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(4))
+    seqs = [
+        torch.randint(0, llm.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)) for n in (23, 11, 30)
+    ]
+    prompt_lens = [18, 6, 9]
     with torch.no_grad():
-        full_a, full_b = model(a), model(b)
-        cache = model.new_cache(2)
-        # prefill rows separately by explicit positions: row 0 gets 18 tokens, row 1 gets 10 (padded row uses -1)
-        cache_a, cache_b = model.new_cache(1), model.new_cache(1)
-        model(a[:, :18], cache=cache_a)
-        model(b[:, :10], cache=cache_b)
-        for layer, (la, lb) in enumerate(zip(cache_a.layers, cache_b.layers)):
-            dst = cache.layers[layer]
-            cap = max(la.capacity, lb.capacity)
-            dst._grow(cap)
-            dst.k[0, :, : la.capacity], dst.v[0, :, : la.capacity], dst.pos[0, : la.capacity] = la.k[0], la.v[0], la.pos[0]
-            dst.k[1, :, : lb.capacity], dst.v[1, :, : lb.capacity], dst.pos[1, : lb.capacity] = lb.k[0], lb.v[0], lb.pos[0]
-        cache.seq_lens[:] = torch.tensor([18, 10])
-        step = model(torch.cat([a[:, 18:19], b[:, 10:11]]), cache=cache)
-    assert (step[0, 0] - full_a[0, 18]).abs().max().item() <= 1e-4
-    assert (step[1, 0] - full_b[0, 10]).abs().max().item() <= 1e-4
+        full = [model(s) for s in seqs]
+        batch = model.new_cache(0)
+        for s, n in zip(seqs, prompt_lens):
+            one = model.new_cache(1)
+            model(s[:, :n], cache=one)
+            batch.append_rows(one)
+        rows = [0, 1, 2]
+        pos = list(prompt_lens)
+        for step in range(5):
+            if step == 3:  # the second sequence finishes and frees its row
+                batch.keep_rows([0, 2])
+                rows = [0, 2]
+            tokens = torch.cat([seqs[r][:, pos[r] : pos[r] + 1] for r in rows])
+            out = model(tokens, cache=batch)
+            for i, r in enumerate(rows):
+                assert (out[i, 0] - full[r][0, pos[r]]).abs().max().item() <= 1e-4, (step, r)
+                pos[r] += 1
 
 
 def test_bf16_runs_and_stays_close(hf_checkpoint):

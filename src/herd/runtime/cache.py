@@ -37,7 +37,12 @@ class LayerCache:
         new_cap = max(needed, min(2 * self.capacity, self.limit or 1 << 62), 16)
         if self.limit is not None:
             new_cap = min(new_cap, self.limit)
+        self._pad_to(new_cap)
+
+    def _pad_to(self, new_cap: int) -> None:
         extra = new_cap - self.capacity
+        if extra <= 0:
+            return
         b, h, _, d = self.k.shape
         pad = torch.zeros(b, h, extra, d, dtype=self.k.dtype, device=self.k.device)
         self.k = torch.cat([self.k, pad], dim=2)
@@ -65,6 +70,18 @@ class LayerCache:
 
     def reset_rows(self, rows: torch.Tensor | list[int]) -> None:
         self.pos[rows] = -1
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.k, self.v, self.pos = self.k[rows], self.v[rows], self.pos[rows]
+
+    def append_rows(self, other: "LayerCache") -> None:
+        """Add the rows of `other` (same layer of another cache) after this cache's rows."""
+        cap = max(self.capacity, other.capacity)
+        self._pad_to(cap)
+        other._pad_to(cap)
+        self.k = torch.cat([self.k, other.k.to(self.k.dtype)], dim=0)
+        self.v = torch.cat([self.v, other.v.to(self.v.dtype)], dim=0)
+        self.pos = torch.cat([self.pos, other.pos], dim=0)
 
 
 class KVCache:
@@ -101,6 +118,19 @@ class KVCache:
         for layer in self.layers:
             layer.reset_rows(rows_t)
         self.seq_lens[rows_t] = 0
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Drop every row not in `rows` (in that order): a finished sequence frees its slots."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.seq_lens.device)
+        for layer in self.layers:
+            layer.keep_rows(index)
+        self.seq_lens = self.seq_lens[index]
+
+    def append_rows(self, other: "KVCache") -> None:
+        """Admit the sequences of `other` (e.g. a freshly prefilled batch of one) as new rows."""
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.append_rows(theirs)
+        self.seq_lens = torch.cat([self.seq_lens, other.seq_lens])
 
     def nbytes(self) -> int:
         return sum(layer.k.nbytes + layer.v.nbytes + layer.pos.nbytes for layer in self.layers)
