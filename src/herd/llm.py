@@ -52,6 +52,7 @@ class LLM:
         self._tokenizer_dir = tokenizer_dir
         self.chat_template = chat_template
         self.generation_defaults = generation_defaults or {}
+        self.last_stats = None
 
     @property
     def device(self) -> torch.device:
@@ -80,6 +81,56 @@ class LLM:
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise HerdError(f"input_ids: token ids must be in [0, {self.config.vocab_size})")
         return self.model(input_ids.to(self.device)).float()
+
+    # ------------------------------------------------------------------ generation
+    @property
+    def context_size(self) -> int:
+        return min(self.config.max_position_embeddings, 8192)
+
+    def sampling_params(self, params=None, **overrides):
+        """SamplingParams from (in order) explicit overrides, `params`, generation_config.json, Meta's defaults."""
+        from .runtime.sampling import SamplingParams
+
+        base = params if params is not None else SamplingParams(**self.generation_defaults)
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if "stop" in changes and isinstance(changes["stop"], str):
+            changes["stop"] = [changes["stop"]]
+        return base.with_(**changes).validate()
+
+    def _prompt_ids(self, prompt_or_ids) -> list[int]:
+        if isinstance(prompt_or_ids, str):
+            return self.tokenizer.encode(prompt_or_ids, bos=True)
+        return [int(t) for t in prompt_or_ids]
+
+    def generate(self, prompt_or_ids, params=None, ctx: int | None = None, **sampling):
+        """Stream text pieces continuing a raw prompt (no chat template). A str gets BOS; ids are used as is."""
+        from .runtime.generate import GenerationStats, generate_text
+
+        p = self.sampling_params(params, **sampling)
+        self.last_stats = GenerationStats()
+        return generate_text(self.model, self.tokenizer, self._prompt_ids(prompt_or_ids), p, ctx or self.context_size, self.last_stats)
+
+    def complete(self, prompt_or_ids, params=None, ctx: int | None = None, **sampling) -> str:
+        return "".join(self.generate(prompt_or_ids, params, ctx, **sampling))
+
+    def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Llama 4 chat-format prompt ids, BOS included once."""
+        from .tokenizer.chat import ChatFormat
+
+        return ChatFormat(self.tokenizer).encode_dialog(messages, add_generation_prompt=add_generation_prompt)
+
+    def chat_stream(self, messages: list[dict], params=None, ctx: int | None = None, **sampling):
+        return self.generate(self.format_chat(messages), params, ctx, **sampling)
+
+    def chat(self, messages: list[dict], params=None, ctx: int | None = None, **sampling) -> dict:
+        """One assistant turn as an OpenAI-style message (with tool_calls when the model called a tool)."""
+        from .tokenizer.chat import parse_tool_calls
+
+        text = "".join(self.chat_stream(messages, params, ctx, **sampling))
+        content, calls = parse_tool_calls(text)
+        if calls:
+            return {"role": "assistant", "content": content, "tool_calls": calls}
+        return {"role": "assistant", "content": text}
 
     def __repr__(self) -> str:
         c = self.config

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "run": "run",
     "chat": "chat",
     "convert": "convert",
+    "serve": "serve",
 }
 
 

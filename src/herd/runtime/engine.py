@@ -33,7 +33,7 @@ class Request:
     max_tokens: int
     stop_ids: frozenset[int]
     id: int = 0
-    events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
+    events: Any = field(default_factory=queue.Queue)  # .put(("token", id) | ("done", reason) | ("error", msg))
     generated: list[int] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -74,7 +74,9 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def submit(self, prompt_ids: list[int], sampler: Any, max_tokens: int, stop_ids) -> Request:
+    def submit(self, prompt_ids: list[int], sampler: Any, max_tokens: int, stop_ids, events: Any = None) -> Request:
+        """Queue a request. `events`: any object with ``put(event)`` (default: a thread-safe queue); a server
+        passes one that hands events to its event loop."""
         if not prompt_ids:
             raise ContextOverflowError("the prompt is empty (at least one token is needed)")
         if len(prompt_ids) + max_tokens > self.ctx:
@@ -82,6 +84,8 @@ class Engine:
                 f"prompt of {len(prompt_ids)} tokens + max_tokens {max_tokens} exceeds the context of {self.ctx} tokens"
             )
         req = Request(list(prompt_ids), sampler, max_tokens, frozenset(stop_ids), id=next(self._ids))
+        if events is not None:
+            req.events = events
         self._waiting.put(req)
         self._wake.set()
         return req
