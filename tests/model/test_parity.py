@@ -34,7 +34,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from conftest import random_hf_model, tiny_text_config
+    from builders import random_hf_model, tiny_text_config
 
     built = {}
     for i, (name, overrides) in enumerate(CONFIGS.items()):

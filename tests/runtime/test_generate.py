@@ -11,7 +11,7 @@ from herd.runtime.generate import TextStream
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from conftest import random_hf_model, tiny_text_config
+    from builders import random_hf_model, tiny_text_config
 
     cfg = tiny_text_config(vocab_size=202048, hidden_size=32, num_hidden_layers=2, head_dim=8, intermediate_size=64,
                            intermediate_size_mlp=64, bos_token_id=200000, eos_token_id=[200001, 200007, 200008])

@@ -27,7 +27,7 @@ def test_causal_lm_checkpoint_matches(hf_checkpoint):
 
 def test_conditional_generation_sharded_checkpoint_matches(tmp_path):
     """The same text weights inside a Llama4ForConditionalGeneration (vision tensors present, sharded)."""
-    from conftest import TINY_TEXT, random_hf_model, tiny_text_config
+    from builders import TINY_TEXT, random_hf_model, tiny_text_config
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
     text = random_hf_model(tiny_text_config(), seed=3)
