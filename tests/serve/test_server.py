@@ -194,3 +194,27 @@ def test_openapi_schema_describes_the_endpoints(server):
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(spec["paths"])
     body = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"messages", "tools", "tool_choice", "stream", "max_tokens", "top_k", "min_p"} <= set(body)
+
+
+def test_eight_concurrent_requests_get_their_solo_answers(llm):
+    """Greedy answers of 8 concurrent requests of different lengths equal each request served alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"Question {i}: " + "tell me more " * i for i in range(8)]
+    lengths = [3, 9, 5, 12, 7, 4, 10, 6]
+    steps = []
+    app = create_app(llm, model_name="tiny", api_key=API_KEY, parallel=8, ctx=512)
+    app.state.engine.on_step = steps.append
+    with Server(app) as srv:
+        client = srv.client()
+
+        def ask(i):
+            msgs = [{"role": "user", "content": prompts[i]}]
+            return client.chat.completions.create(model="tiny", messages=msgs, max_tokens=lengths[i], temperature=0)
+
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, range(8)))
+    for i, resp in enumerate(together):
+        alone = llm.chat([{"role": "user", "content": prompts[i]}], max_tokens=lengths[i], temperature=0)
+        assert resp.choices[0].message.content == alone["content"], i
+    assert max(steps) > 1  # requests really shared decode steps
