@@ -218,3 +218,23 @@ def test_eight_concurrent_requests_get_their_solo_answers(llm):
         alone = llm.chat([{"role": "user", "content": prompts[i]}], max_tokens=lengths[i], temperature=0)
         assert resp.choices[0].message.content == alone["content"], i
     assert max(steps) > 1  # requests really shared decode steps
+
+
+def test_client_disconnect_frees_its_slot(llm):
+    import httpx
+
+    app = create_app(llm, model_name="tiny", api_key=API_KEY, parallel=1, ctx=4096)
+    with Server(app) as srv:
+        body = {"messages": MESSAGES, "max_tokens": 3000, "stream": True, "temperature": 0}
+        with httpx.stream("POST", f"http://127.0.0.1:{srv.port}/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:") and '"content"' in line and '""' not in line:
+                    break  # got a real token: now hang up
+        deadline = time.time() + 10
+        while app.state.engine.active_count and time.time() < deadline:
+            time.sleep(0.05)
+        assert app.state.engine.active_count == 0
+        # and the freed slot serves the next request
+        resp = srv.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, temperature=0)
+        assert resp.choices[0].finish_reason in ("stop", "length")

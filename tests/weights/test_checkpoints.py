@@ -166,3 +166,11 @@ def test_tied_embeddings_without_lm_head(hf_checkpoint):
     ids = _ids(hf.config.vocab_size)
     with torch.no_grad():
         assert (llm.logits(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_demo_without_bundled_model_is_a_clear_error(monkeypatch, tmp_path):
+    import herd.weights.demo as demo
+
+    monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / "none")
+    with pytest.raises(herd.HerdError, match="no bundled demo model"):
+        herd.load("demo")
