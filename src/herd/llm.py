@@ -50,6 +50,7 @@ class LLM:
         self.source = source
         self._tokenizer = tokenizer
         self._tokenizer_dir = tokenizer_dir
+        self._tokenizer_factory = None  # set by loaders whose tokenizer is costly to build (GGUF)
         self.chat_template = chat_template
         self.generation_defaults = generation_defaults or {}
         self.last_stats = None
@@ -63,7 +64,9 @@ class LLM:
         if self._tokenizer is None:
             from .tokenizer import Tokenizer
 
-            if self._tokenizer_dir is not None:
+            if self._tokenizer_factory is not None:
+                self._tokenizer = self._tokenizer_factory()
+            elif self._tokenizer_dir is not None:
                 self._tokenizer = Tokenizer.from_dir(self._tokenizer_dir)
             else:
                 self._tokenizer = Tokenizer.default()

@@ -54,6 +54,19 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, weight={type(self.weight).__name__}"
 
 
+class Embedding(nn.Module):
+    """Token embedding table whose weight may be quantized (only the looked-up rows are decoded)."""
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, torch.Tensor):
+            return F.embedding(ids, self.weight)
+        return self.weight.take_rows(ids)
+
+
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Weightless RMS norm computed in fp32 and cast back (Llama 4's QK norm)."""
     xf = x.float()

@@ -13,7 +13,7 @@ from torch import nn
 from ..config import Config
 from ..runtime.cache import KVCache
 from .attention import Attention
-from .layers import Linear, RMSNorm, RotaryEmbedding, SwiGLU
+from .layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from .moe import MoE
 
 
@@ -36,8 +36,7 @@ class DecoderLayer(nn.Module):
 class TextModel(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
