@@ -50,3 +50,11 @@ def random_hf_model(config, seed: int = 0, std: float = 0.15):
     return model
 
 
+
+
+def real_vocab_config(**overrides):
+    """A tiny body with the real 202,048-token vocabulary, so the real Llama 4 tokenizer's ids fit."""
+    kw = dict(vocab_size=202048, hidden_size=32, num_hidden_layers=2, head_dim=8, intermediate_size=64,
+              intermediate_size_mlp=64, bos_token_id=200000, eos_token_id=[200001, 200007, 200008])
+    kw.update(overrides)
+    return tiny_text_config(**kw)

@@ -11,10 +11,9 @@ from herd.runtime.generate import TextStream
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from builders import random_hf_model, tiny_text_config
+    from builders import random_hf_model, real_vocab_config
 
-    cfg = tiny_text_config(vocab_size=202048, hidden_size=32, num_hidden_layers=2, head_dim=8, intermediate_size=64,
-                           intermediate_size_mlp=64, bos_token_id=200000, eos_token_id=[200001, 200007, 200008])
+    cfg = real_vocab_config()
     hf = random_hf_model(cfg, seed=1, std=0.5)
     path = tmp_path_factory.mktemp("gen")
     hf.save_pretrained(path)

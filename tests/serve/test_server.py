@@ -22,10 +22,9 @@ API_KEY = "test-key"
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A random tiny model whose vocabulary covers the real Llama 4 tokenizer (used by default)."""
-    from builders import random_hf_model, tiny_text_config
+    from builders import random_hf_model, real_vocab_config
 
-    cfg = tiny_text_config(vocab_size=202048, hidden_size=32, num_hidden_layers=2, head_dim=8, intermediate_size=64,
-                           intermediate_size_mlp=64, bos_token_id=200000, eos_token_id=[200001, 200007, 200008])
+    cfg = real_vocab_config()
     path = tmp_path_factory.mktemp("served")
     random_hf_model(cfg, seed=0, std=0.5).save_pretrained(path)
     return path

@@ -45,11 +45,10 @@ completion_body = st.fixed_dictionaries(
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from builders import random_hf_model, tiny_text_config
+    from builders import random_hf_model, real_vocab_config
     from fastapi.testclient import TestClient
 
-    cfg = tiny_text_config(vocab_size=202048, hidden_size=32, num_hidden_layers=2, head_dim=8, intermediate_size=64,
-                           intermediate_size_mlp=64, bos_token_id=200000, eos_token_id=[200001, 200007, 200008])
+    cfg = real_vocab_config()
     path = tmp_path_factory.mktemp("fuzz")
     random_hf_model(cfg, seed=0).save_pretrained(path)
     app = create_app(herd.load(path), model_name="tiny", parallel=2, ctx=64)
