@@ -99,3 +99,42 @@ def test_stop_strings_via_api(tiny):
     cut = llm.complete("Hello", max_tokens=15, temperature=0, stop=[stop])
     assert cut == full[: full.index(stop)]
     assert llm.last_stats.finish_reason == "stop"
+
+
+class _Scripted(torch.nn.Module):
+    """Wraps a real model but emits a fixed token script (exact checks of stopping)."""
+
+    def __init__(self, model, script):
+        super().__init__()
+        self.inner, self.script, self.config, self.step = model, script, model.config, 0
+        self.model = model.model
+
+    def new_cache(self, batch=1):
+        return self.inner.new_cache(batch)
+
+    def forward(self, ids, cache=None, last_only=False, **kw):
+        out = self.inner(ids, cache=cache, last_only=last_only, **kw)
+        if ids.shape[1] > 1:
+            self.step = 0
+        forced = torch.full_like(out, -1e4)
+        forced[..., self.script[min(self.step, len(self.script) - 1)]] = 1e4
+        self.step += 1
+        return forced
+
+
+def test_stop_token_gives_finish_reason_stop(tiny):
+    _, llm = tiny
+    tok = llm.tokenizer
+    script = tok.encode(" hello there") + [tok.eot_id, 11, 12]
+    scripted = herd.LLM(_Scripted(llm.model, script), tokenizer=tok)
+    assert scripted.complete("Hi", max_tokens=10, temperature=0) == " hello there"
+    assert scripted.last_stats.finish_reason == "stop"
+    assert scripted.last_stats.generated_tokens == len(script) - 2  # the stop token counted, nothing after it
+
+
+def test_inference_mode_does_not_leak_into_the_caller(tiny):
+    _, llm = tiny
+    stream = llm.generate("Hello", max_tokens=4, temperature=0)
+    next(stream)
+    assert not torch.is_inference_mode_enabled()
+    list(stream)

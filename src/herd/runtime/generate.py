@@ -91,6 +91,7 @@ class TextStream:
         return out
 
 
+@torch.inference_mode()
 def generate_tokens(
     model, prompt_ids: list[int], params: SamplingParams, stop_ids: Sequence[int], ctx: int, stats: GenerationStats
 ) -> Iterator[int]:
@@ -106,26 +107,24 @@ def generate_tokens(
     stats.prompt_tokens = len(prompt_ids)
     stop = set(stop_ids)
     device = model.model.norm.weight.device if hasattr(model, "model") else "cpu"
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        cache = model.new_cache(1)
-        logits = model(torch.tensor([prompt_ids], device=device), cache=cache, last_only=True)[0, -1]
+    t0 = time.perf_counter()
+    cache = model.new_cache(1)
+    logits = model(torch.tensor([prompt_ids], device=device), cache=cache, last_only=True)[0, -1]
+    token = sampler.sample(logits, history)
+    stats.prefill_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    stats.finish_reason = "length"
+    while True:
+        stats.generated_tokens += 1
+        history.append(token)
+        stats.decode_s = time.perf_counter() - t1
+        if token in stop:
+            stats.finish_reason = "stop"  # set before yielding: the consumer usually stops reading here
+        yield token
+        if token in stop or stats.generated_tokens >= params.max_tokens:
+            return
+        logits = model(torch.tensor([[token]], device=device), cache=cache, last_only=True)[0, -1]
         token = sampler.sample(logits, history)
-        stats.prefill_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        stats.finish_reason = "length"
-        while True:
-            stats.generated_tokens += 1
-            history.append(token)
-            stats.decode_s = time.perf_counter() - t1
-            yield token
-            if token in stop:
-                stats.finish_reason = "stop"
-                return
-            if stats.generated_tokens >= params.max_tokens:
-                return
-            logits = model(torch.tensor([[token]], device=device), cache=cache, last_only=True)[0, -1]
-            token = sampler.sample(logits, history)
 
 
 def generate_text(
