@@ -1,6 +1,6 @@
 """herd: run, quantize, fine-tune and serve Llama 4 models.
 
-Public API: ``herd.load``, ``herd.LLM``, ``herd.Config``, ``herd.SamplingParams``, ``herd.HerdError`` (and its subclasses).
+Public API: ``herd.load``, ``herd.LLM``, ``herd.Config``, ``herd.HerdError`` (and its subclasses).
 """
 
 from .config import Config, VisionConfig
@@ -16,7 +16,6 @@ from .errors import (
     WeightsError,
 )
 from .llm import LLM, load
-from .runtime.sampling import SamplingParams
 
 __version__ = "0.1.0"
 
@@ -24,7 +23,6 @@ __all__ = [
     "load",
     "LLM",
     "Config",
-    "SamplingParams",
     "VisionConfig",
     "HerdError",
     "ConfigError",

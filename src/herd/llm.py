@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .config import Config
-from .errors import HerdError
+from .errors import HerdError, RequestError
 from .model import Llama4TextModel
 
 _DTYPE_NAMES = {
@@ -88,33 +88,79 @@ class LLM:
     # ------------------------------------------------------------------ generation
     @property
     def context_size(self) -> int:
-        return min(self.config.max_position_embeddings, 8192)
+        """The default context: min(max_position_embeddings, 8192)."""
+        from .runtime.generate import default_ctx
+
+        return default_ctx(self.config)
 
     def sampling_params(self, params=None, **overrides):
-        """SamplingParams from (in order) explicit overrides, `params`, generation_config.json, Meta's defaults."""
+        """A validated SamplingParams: explicit overrides (None = not given) over `params`, else over the
+        model's generation_config.json values, else Meta's defaults (temperature 0.6, top_p 0.9, min_p 0.01)."""
         from .runtime.sampling import SamplingParams
 
         base = params if params is not None else SamplingParams(**self.generation_defaults)
         changes = {k: v for k, v in overrides.items() if v is not None}
-        if "stop" in changes and isinstance(changes["stop"], str):
+        if isinstance(changes.get("stop"), str):
             changes["stop"] = [changes["stop"]]
+        elif isinstance(changes.get("stop"), tuple):
+            changes["stop"] = list(changes["stop"])
         return base.with_(**changes).validate()
 
     def _prompt_ids(self, prompt_or_ids) -> list[int]:
         if isinstance(prompt_or_ids, str):
             return self.tokenizer.encode(prompt_or_ids, bos=True)
-        return [int(t) for t in prompt_or_ids]
+        if isinstance(prompt_or_ids, torch.Tensor):
+            prompt_or_ids = prompt_or_ids.reshape(-1).tolist()
+        try:
+            return [int(t) for t in prompt_or_ids]
+        except (TypeError, ValueError):
+            raise RequestError("prompt: expected a str or a list of token ids") from None
 
-    def generate(self, prompt_or_ids, params=None, ctx: int | None = None, **sampling):
-        """Stream text pieces continuing a raw prompt (no chat template). A str gets BOS; ids are used as is."""
+    def generate(
+        self,
+        prompt_or_ids,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: list[str] | str | None = None,
+        *,
+        repetition_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        params=None,
+        ctx: int | None = None,
+    ):
+        """Stream the text pieces continuing a raw prompt (no chat template): a str is encoded with BOS,
+        a list of ids is used as is. Sampling values left None come from `params`, else the model's
+        defaults. Stops at <|eot|> / <|eom|> / <|end_of_text|>, a stop string (not emitted) or max_tokens;
+        `last_stats` then holds the GenerationStats. Bad requests raise here, before the first piece."""
         from .runtime.generate import GenerationStats, generate_text
 
-        p = self.sampling_params(params, **sampling)
-        self.last_stats = GenerationStats()
-        return generate_text(self.model, self.tokenizer, self._prompt_ids(prompt_or_ids), p, ctx or self.context_size, self.last_stats)
+        p = self.sampling_params(
+            params,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            min_p=min_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+        )
+        ids = self._prompt_ids(prompt_or_ids)
+        stats = GenerationStats()
+        pieces = generate_text(self.model, self.tokenizer, ids, p, ctx or self.context_size, stats)
+        self.last_stats = stats
+        return pieces
 
-    def complete(self, prompt_or_ids, params=None, ctx: int | None = None, **sampling) -> str:
-        return "".join(self.generate(prompt_or_ids, params, ctx, **sampling))
+    def complete(self, prompt_or_ids, **sampling) -> str:
+        """The whole completion of a raw prompt as one string (same arguments as `generate`)."""
+        return "".join(self.generate(prompt_or_ids, **sampling))
 
     def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Llama 4 chat-format prompt ids, BOS included once."""
@@ -122,14 +168,16 @@ class LLM:
 
         return ChatFormat(self.tokenizer).encode_dialog(messages, add_generation_prompt=add_generation_prompt)
 
-    def chat_stream(self, messages: list[dict], params=None, ctx: int | None = None, **sampling):
-        return self.generate(self.format_chat(messages), params, ctx, **sampling)
+    def chat_stream(self, messages: list[dict], **sampling):
+        """Stream the text pieces of the next assistant turn (same sampling arguments as `generate`)."""
+        return self.generate(self.format_chat(messages), **sampling)
 
-    def chat(self, messages: list[dict], params=None, ctx: int | None = None, **sampling) -> dict:
-        """One assistant turn as an OpenAI-style message (with tool_calls when the model called a tool)."""
+    def chat(self, messages: list[dict], **sampling) -> dict:
+        """The next assistant turn as an OpenAI-style message: {"role": "assistant", "content": ...}, plus
+        "tool_calls" when the model called a tool (content is then the text around the call, or None)."""
         from .tokenizer.chat import parse_tool_calls
 
-        text = "".join(self.chat_stream(messages, params, ctx, **sampling))
+        text = "".join(self.chat_stream(messages, **sampling))
         content, calls = parse_tool_calls(text)
         if calls:
             return {"role": "assistant", "content": content, "tool_calls": calls}

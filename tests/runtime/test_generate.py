@@ -1,140 +1,237 @@
-"""Generation against transformers' greedy argmax chain; stop strings, limits, stats."""
+"""Generation: greedy equals transformers' argmax chain; stop tokens and strings; max_tokens; context
+errors; stats; the TextStream text side; the LLM methods built on them."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 
-import herd
-from herd.runtime.generate import TextStream
+from herd.errors import ContextOverflowError, RequestError
+from herd.runtime.generate import GenerationStats, TextStream, generate_text, generate_tokens
+from herd.runtime.sampling import Sampler, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from builders import random_hf_model, real_vocab_config
-
-    cfg = real_vocab_config()
-    hf = random_hf_model(cfg, seed=1, std=0.5)
-    path = tmp_path_factory.mktemp("gen")
-    hf.save_pretrained(path)
-    return hf, herd.load(path)
+def prompt(real_vocab_llm):
+    return real_vocab_llm.tokenizer.encode("The quick brown fox", bos=True)
 
 
-def test_greedy_20_tokens_equal_transformers_argmax_chain(tiny):
-    hf, llm = tiny
-    prompt = llm.tokenizer.encode("The capital of France is", bos=True)
-    ids = torch.tensor([prompt])
+@pytest.fixture(scope="module")
+def hf_chain(real_vocab_checkpoint, prompt):
+    """20 argmax steps of the transformers model: full forward each step, no cache, no stop."""
+    hf, _ = real_vocab_checkpoint
+    ids = list(prompt)
     with torch.no_grad():
         for _ in range(20):
-            nxt = hf(ids).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    want = ids[0, len(prompt):].tolist()
-    from herd.runtime.generate import GenerationStats, generate_tokens
-    from herd.runtime.sampling import SamplingParams
+            logits = hf(torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
 
+
+def greedy_tokens(llm, prompt, n=20, stop_ids=(), stats=None):
+    return list(generate_tokens(llm.model, prompt, Sampler(GREEDY), n, stop_ids, stats))
+
+
+def test_greedy_matches_transformers_argmax_chain(real_vocab_llm, prompt, hf_chain):
     stats = GenerationStats()
-    got = list(generate_tokens(llm.model, prompt, SamplingParams(temperature=0, max_tokens=20), (), 8192, stats))
-    assert got == want
-    assert stats.generated_tokens == 20 and stats.finish_reason == "length" and stats.prompt_tokens == len(prompt)
-    # and the text API streams the same tokens' text (stop ids aside)
-    text = llm.complete(prompt, temperature=0, max_tokens=20)
-    stop = set(llm.tokenizer.stop_ids)
-    upto = next((i for i, t in enumerate(want) if t in stop), len(want))
-    assert text == llm.tokenizer.decode(want[:upto], skip_special=True)
+    assert greedy_tokens(real_vocab_llm, prompt, stats=stats) == hf_chain
+    assert stats.finish_reason == "length" and stats.generated_tokens == 20
 
 
-def test_seeded_sampling_is_reproducible(tiny):
-    _, llm = tiny
-    a = llm.complete("Once", max_tokens=12, seed=3, temperature=1.0)
-    b = llm.complete("Once", max_tokens=12, seed=3, temperature=1.0)
+def test_greedy_text_is_the_decoded_chain(real_vocab_llm, prompt, hf_chain):
+    tok = real_vocab_llm.tokenizer
+    expected = hf_chain
+    for i, t in enumerate(hf_chain):  # the generation ends at the first stop token
+        if t in tok.stop_ids:
+            expected = hf_chain[:i]
+            break
+    text = real_vocab_llm.complete(prompt, max_tokens=20, temperature=0)
+    assert text == tok.decode(expected, skip_special=True)
+
+
+def test_stop_token_ends_without_being_yielded(real_vocab_llm, prompt, hf_chain):
+    stop = hf_chain[3]
+    stats = GenerationStats()
+    got = greedy_tokens(real_vocab_llm, prompt, stop_ids=[stop], stats=stats)
+    assert got == hf_chain[: hf_chain.index(stop)]
+    assert stats.finish_reason == "stop"
+
+
+def test_stop_string_is_not_emitted(real_vocab_llm, prompt):
+    llm = real_vocab_llm
+    full = llm.complete(prompt, max_tokens=20, temperature=0)
+    assert len(full) >= 8, full
+    stop = full[4:7]
+    pieces = list(llm.generate(prompt, max_tokens=20, temperature=0, stop=[stop, "never-there"]))
+    assert "".join(pieces) == full[: full.index(stop)]
+    assert llm.last_stats.finish_reason == "stop"
+    assert llm.last_stats.generated_tokens < 20
+
+
+def test_max_tokens_and_stats(real_vocab_llm, prompt):
+    llm = real_vocab_llm
+    pieces = llm.generate(prompt, max_tokens=5, temperature=0)
+    stats = llm.last_stats
+    list(pieces)
+    assert stats is llm.last_stats
+    assert stats.prompt_tokens == len(prompt)
+    assert stats.generated_tokens == 5 and stats.finish_reason == "length"
+    assert stats.prefill_s > 0 and stats.decode_s > 0
+    assert stats.prefill_tok_s == pytest.approx(len(prompt) / stats.prefill_s)
+    assert stats.decode_tok_s == pytest.approx(5 / stats.decode_s)
+    assert re.fullmatch(r"prompt \d+ tok, [\d.]+ tok/s \| generated 5 tok, [\d.]+ tok/s", stats.summary())
+
+
+def test_context_overflow_raises_before_any_piece(real_vocab_llm, prompt):
+    llm = real_vocab_llm
+    with pytest.raises(ContextOverflowError) as err:
+        llm.generate(prompt, max_tokens=8, ctx=len(prompt) + 7)  # raised by the call, not by iterating
+    assert "\n" not in str(err.value) and str(len(prompt)) in str(err.value)
+    assert llm.complete(prompt, max_tokens=7, temperature=0, ctx=len(prompt) + 7) is not None
+    default = min(llm.config.max_position_embeddings, 8192)
+    assert llm.context_size == default
+    with pytest.raises(ContextOverflowError):
+        llm.generate(prompt, max_tokens=default)
+
+
+def test_bad_requests_raise_request_error(real_vocab_llm, prompt):
+    llm = real_vocab_llm
+    with pytest.raises(RequestError):
+        llm.generate([], max_tokens=3)
+    with pytest.raises(RequestError):
+        llm.generate([llm.config.vocab_size], max_tokens=3)
+    with pytest.raises(RequestError, match="top_p"):
+        llm.generate(prompt, top_p=0)
+
+
+def test_seed_reproduces_sampled_text(real_vocab_llm, prompt):
+    llm = real_vocab_llm
+    a = llm.complete(prompt, max_tokens=12, temperature=1.0, seed=7)
+    b = llm.complete(prompt, max_tokens=12, temperature=1.0, seed=7)
     assert a == b
 
 
-def test_context_overflow(tiny):
-    _, llm = tiny
-    with pytest.raises(herd.ContextOverflowError, match="exceeds the context of 16 tokens"):
-        llm.complete("one two three four five six", max_tokens=12, ctx=16)
+def test_inference_mode_does_not_leak_between_pieces(real_vocab_llm, prompt):
+    it = real_vocab_llm.generate(prompt, max_tokens=4, temperature=0)
+    next(it)
+    assert not torch.is_inference_mode_enabled()
+    it.close()
 
 
-def test_stats_and_max_tokens(tiny):
-    _, llm = tiny
-    llm.complete("Hi", max_tokens=5, temperature=0)
-    s = llm.last_stats
-    assert s.generated_tokens <= 5 and s.prompt_tokens == 2 and s.prefill_s > 0
-    assert "tok/s" in s.line()
+def test_str_prompt_gets_bos_and_equals_ids(real_vocab_llm):
+    llm = real_vocab_llm
+    ids = llm.tokenizer.encode("Hi there", bos=True)
+    assert ids[0] == llm.tokenizer.bos_id
+    assert llm.complete("Hi there", max_tokens=6, temperature=0) == llm.complete(ids, max_tokens=6, temperature=0)
 
 
-class _Tok:
-    """A tokenizer whose tokens are single characters (to test the text stream exactly)."""
+def test_sampling_params_defaults_and_overrides(real_vocab_llm):
+    llm = real_vocab_llm
+    saved = llm.generation_defaults
+    try:
+        llm.generation_defaults = {}
+        p = llm.sampling_params()
+        assert (p.temperature, p.top_p, p.min_p) == (0.6, 0.9, 0.01)
+        llm.generation_defaults = {"temperature": 0.3, "top_p": 0.5}
+        p = llm.sampling_params(top_p=None, min_p=0.2, stop="x")
+        assert (p.temperature, p.top_p, p.min_p, p.stop) == (0.3, 0.5, 0.2, ["x"])
+        base = SamplingParams(temperature=0.0, max_tokens=3)
+        assert llm.sampling_params(params=base, seed=1).max_tokens == 3
+    finally:
+        llm.generation_defaults = saved
+
+
+def test_chat_methods(real_vocab_llm):
+    llm = real_vocab_llm
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    ids = llm.format_chat(messages)
+    assert ids[0] == llm.tokenizer.bos_id and ids.count(llm.tokenizer.bos_id) == 1
+    reply = llm.chat(messages, max_tokens=6, temperature=0)
+    assert reply["role"] == "assistant" and isinstance(reply["content"], str)
+    assert "".join(llm.chat_stream(messages, max_tokens=6, temperature=0)) == llm.complete(ids, max_tokens=6, temperature=0)
+
+
+def test_generate_text_function(real_vocab_llm, prompt):
+    stats = GenerationStats()
+    pieces = generate_text(real_vocab_llm.model, real_vocab_llm.tokenizer, prompt, SamplingParams(temperature=0, max_tokens=3), None, stats)
+    "".join(pieces)
+    assert stats.generated_tokens <= 3 and stats.finish_reason in ("stop", "length")
+
+
+# ---------------------------------------------------------------- TextStream, with a toy tokenizer
+class _ToyDecoder:
+    def __init__(self, table):
+        self.table = table
+
+    def push(self, i):
+        return self.table[i]
+
+    def flush(self):
+        return ""
+
+
+class _ToyTokenizer:
+    def __init__(self, pieces):
+        self.table = dict(enumerate(pieces))
 
     def stream_decoder(self):
-        class D:
-            def push(self, i):
-                return chr(i)
-
-            def flush(self):
-                return ""
-
-        return D()
+        return _ToyDecoder(self.table)
 
 
-def test_stop_string_spanning_tokens_is_not_emitted():
-    s = TextStream(_Tok(), ["END"])
+def run_stream(pieces, stops):
+    s = TextStream(_ToyTokenizer(pieces), stops)
     out = []
-    for ch in "abcENxyEN":
-        piece, stopped = s.push(ord(ch))
+    for i in range(len(pieces)):
+        text, stopped = s.push(i)
+        out.append(text)
+        if stopped:
+            return out, True, s
+    out.append(s.flush())
+    return out, False, s
+
+
+def test_text_stream_without_stops_passes_everything():
+    out, stopped, _ = run_stream(["Hel", "lo", " world"], [])
+    assert out == ["Hel", "lo", " world", ""] and not stopped
+
+
+def test_text_stream_stop_spanning_tokens():
+    out, stopped, s = run_stream(["Hello", " wo", "rld", " again"], ["o world"])
+    assert stopped and "".join(out) == "Hell"
+    assert s.push(3) == ("", True) and s.flush() == ""
+
+
+def test_text_stream_holds_back_a_possible_stop_then_releases():
+    # "wo" could start "world!" -> held; "rm" proves it is not -> released
+    out, stopped, _ = run_stream(["say wo", "rm", "s"], ["world!"])
+    assert not stopped
+    assert out == ["say ", "worm", "s", ""]
+
+
+def test_text_stream_flush_releases_held_text():
+    out, stopped, _ = run_stream(["a", "b", "<"], ["<end>"])
+    assert out == ["a", "b", "", "<"] and not stopped
+
+
+def test_text_stream_earliest_stop_wins():
+    out, stopped, _ = run_stream(["x STOP2 y STOP1"], ["STOP1", "STOP2"])
+    assert stopped and out == ["x "]
+
+
+def test_text_stream_with_the_real_decoder_splits_no_character(real_vocab_llm):
+    tok = real_vocab_llm.tokenizer
+    text = "naïve café 🦙 llama"
+    ids = tok.encode(text)
+    s = TextStream(tok, ["llama"])
+    out = []
+    for i in ids:
+        piece, stopped = s.push(i)
         out.append(piece)
-        assert not stopped
-    assert "".join(out) == "abcENxy"  # "EN" at the end is held back: it may start "END"
-    piece, stopped = s.push(ord("D"))
-    assert stopped and piece == ""
-    assert "".join(out) + piece == "abcENxy"
-
-
-def test_stop_strings_via_api(tiny):
-    _, llm = tiny
-    full = llm.complete("Hello", max_tokens=15, temperature=0)
-    assert len(full) > 4
-    stop = full[2:4]
-    cut = llm.complete("Hello", max_tokens=15, temperature=0, stop=[stop])
-    assert cut == full[: full.index(stop)]
-    assert llm.last_stats.finish_reason == "stop"
-
-
-class _Scripted(torch.nn.Module):
-    """Wraps a real model but emits a fixed token script (exact checks of stopping)."""
-
-    def __init__(self, model, script):
-        super().__init__()
-        self.inner, self.script, self.config, self.step = model, script, model.config, 0
-        self.model = model.model
-
-    def new_cache(self, batch=1):
-        return self.inner.new_cache(batch)
-
-    def forward(self, ids, cache=None, last_only=False, **kw):
-        out = self.inner(ids, cache=cache, last_only=last_only, **kw)
-        if ids.shape[1] > 1:
-            self.step = 0
-        forced = torch.full_like(out, -1e4)
-        forced[..., self.script[min(self.step, len(self.script) - 1)]] = 1e4
-        self.step += 1
-        return forced
-
-
-def test_stop_token_gives_finish_reason_stop(tiny):
-    _, llm = tiny
-    tok = llm.tokenizer
-    script = tok.encode(" hello there") + [tok.eot_id, 11, 12]
-    scripted = herd.LLM(_Scripted(llm.model, script), tokenizer=tok)
-    assert scripted.complete("Hi", max_tokens=10, temperature=0) == " hello there"
-    assert scripted.last_stats.finish_reason == "stop"
-    assert scripted.last_stats.generated_tokens == len(script) - 2  # the stop token counted, nothing after it
-
-
-def test_inference_mode_does_not_leak_into_the_caller(tiny):
-    _, llm = tiny
-    stream = llm.generate("Hello", max_tokens=4, temperature=0)
-    next(stream)
-    assert not torch.is_inference_mode_enabled()
-    list(stream)
+        if stopped:
+            break
+    assert stopped and "".join(out) == "naïve café 🦙 "
+    assert all("\ufffd" not in p for p in out)

@@ -1,79 +1,152 @@
-"""Sampling chain: exact penalties, truncation never escapes its set, seeds reproduce, temperature 0 = argmax."""
+"""Sampler and SamplingParams: seeded determinism, the truncation sets, greedy, exact penalties."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from herd import RequestError
+from herd.errors import RequestError
 from herd.runtime.sampling import Sampler, SamplingParams, apply_penalties
 
-# a known distribution over 8 tokens
-PROBS = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.05, 0.03, 0.015, 0.005])
-LOGITS = PROBS.log()
+
+def logits_of(probs):
+    return torch.tensor([math.log(p) for p in probs])
 
 
-def draws(params, n=3000, history=()):
-    s = Sampler(params)
-    return {s.sample(LOGITS, history) for _ in range(n)}
+def draws(params: SamplingParams, logits: torch.Tensor, n: int = 2000, history=()) -> torch.Tensor:
+    sampler = Sampler(params, logits.shape[-1])
+    return torch.tensor([sampler.sample(logits, history) for _ in range(n)])
 
 
-def test_temperature_zero_is_argmax():
-    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
-    s = Sampler(SamplingParams(temperature=0))
-    assert s.sample(logits) == int(logits.argmax())
-
-
-def test_fixed_seed_same_tokens():
-    a = [Sampler(SamplingParams(temperature=1.0, top_p=1.0, min_p=0.0, seed=7)).sample(LOGITS) for _ in range(1)]
-    s1, s2 = Sampler(SamplingParams(temperature=1.0, top_p=1.0, min_p=0.0, seed=7)), Sampler(SamplingParams(temperature=1.0, top_p=1.0, min_p=0.0, seed=7))
-    seq1 = [s1.sample(LOGITS) for _ in range(50)]
-    seq2 = [s2.sample(LOGITS) for _ in range(50)]
-    assert seq1 == seq2 and len(set(seq1)) > 1 and a[0] == seq1[0]
-
-
-def test_top_k_never_outside():
-    assert draws(SamplingParams(temperature=1.0, top_k=3, top_p=1.0, min_p=0.0)) == {0, 1, 2}
-
-
-def test_top_p_never_outside():
-    # mass before token i: 0, .40, .65, .80 -> with top_p 0.7 tokens 0..2 stay (.65 < .7), token 3 (.80) goes
-    assert draws(SamplingParams(temperature=1.0, top_p=0.7, min_p=0.0)) == {0, 1, 2}
-
-
-def test_min_p_never_outside():
-    # min_p 0.3 keeps p >= 0.12: tokens 0, 1, 2
-    assert draws(SamplingParams(temperature=1.0, top_p=1.0, min_p=0.3)) == {0, 1, 2}
-
-
-def test_temperature_is_applied_before_truncation():
-    # at T=0.5 the distribution sharpens: p ∝ p^2 -> token 0 alone holds 0.40²/Σp² ≈ 0.60 > top_p 0.55
-    assert draws(SamplingParams(temperature=0.5, top_p=0.55, min_p=0.0)) == {0}
-
-
-def test_probabilities_sum_to_one_and_follow_the_distribution():
-    s = Sampler(SamplingParams(temperature=1.0, top_p=1.0, min_p=0.0))
-    assert torch.allclose(s.probabilities(LOGITS), PROBS, atol=1e-6)
-
-
-def test_penalties_exact_values():
-    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
-    out = apply_penalties(logits, [0, 1, 1, 3, 3, 3], SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25))
-    # token 0: 2/2 - .5 - .25*1 = .25; token 1: -1*2 - .5 - .25*2 = -3; token 2 untouched; token 3: 3/2 - .5 - .75 = .25
-    assert torch.allclose(out, torch.tensor([0.25, -3.0, 0.5, 0.25]))
-    assert torch.equal(apply_penalties(logits, [0, 1], SamplingParams()), logits)
+def test_defaults_are_metas():
+    p = SamplingParams()
+    assert (p.temperature, p.top_p, p.min_p, p.top_k) == (0.6, 0.9, 0.01, 0)
+    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.0, 0.0, 0.0)
+    assert p.seed is None and p.max_tokens == 256 and p.stop == []
+    assert p.validate() is p
 
 
 @pytest.mark.parametrize(
     "field,value",
-    [("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("min_p", 2.0), ("top_k", -1), ("max_tokens", 0),
-     ("presence_penalty", 3.0), ("stop", [""])],
+    [
+        ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
+        ("min_p", -0.01), ("min_p", 2.0), ("top_k", -1), ("top_k", 2.5), ("repetition_penalty", 0.0),
+        ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("seed", "x"), ("max_tokens", 0),
+        ("max_tokens", True), ("stop", [""]), ("stop", [3]), ("stop", 5),
+    ],
 )
-def test_invalid_values_are_one_line_errors(field, value):
-    with pytest.raises(RequestError, match=field):
+def test_validate_rejects_with_one_line(field, value):
+    with pytest.raises(RequestError) as err:
         SamplingParams(**{field: value}).validate()
+    message = str(err.value)
+    assert message.startswith(field) and "\n" not in message
 
 
-def test_meta_defaults():
-    p = SamplingParams()
-    assert (p.temperature, p.top_p, p.min_p) == (0.6, 0.9, 0.01)
+def test_with_rejects_unknown_names():
+    assert SamplingParams().with_(top_k=5).top_k == 5
+    with pytest.raises(RequestError, match="typo"):
+        SamplingParams().with_(typo=1)
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens():
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(1000, generator=gen) for _ in range(40)]
+    params = SamplingParams(temperature=1.0, top_p=1.0, min_p=0.0, seed=1234)
+
+    def run(p):
+        s = Sampler(p, 1000)
+        return [s.sample(r) for r in rows]
+
+    assert run(params) == run(params)
+    assert run(params) != run(params.with_(seed=4321))
+
+
+def test_temperature_zero_is_argmax():
+    gen = torch.Generator().manual_seed(1)
+    sampler = Sampler(SamplingParams(temperature=0.0), 5000)
+    for _ in range(20):
+        row = torch.randn(5000, generator=gen)
+        assert sampler.sample(row) == int(row.argmax())
+    # logits padded past the vocabulary are never picked
+    padded = torch.cat([torch.zeros(10), torch.full((6,), 100.0)])
+    assert Sampler(SamplingParams(temperature=0.0), 10).sample(padded) < 10
+
+
+def test_top_k_never_leaves_the_k_largest():
+    probs = [0.05, 0.3, 0.1, 0.25, 0.2, 0.1]
+    got = draws(SamplingParams(temperature=1.0, top_k=3, top_p=1.0, min_p=0.0, seed=0), logits_of(probs))
+    assert set(got.tolist()) == {1, 3, 4}
+
+
+def test_top_p_keeps_metas_nucleus():
+    # cumsum - p_i = 0, 0.5, 0.8, 0.95: top_p 0.75 keeps tokens 0 and 1 only
+    probs = [0.5, 0.3, 0.15, 0.05]
+    got = draws(SamplingParams(temperature=1.0, top_p=0.75, min_p=0.0, seed=0), logits_of(probs), n=4000)
+    assert set(got.tolist()) == {0, 1}
+    assert abs((got == 0).float().mean().item() - 0.5 / 0.8) < 0.04  # renormalized
+    kept = Sampler(SamplingParams(temperature=1.0, top_p=0.75, min_p=0.0), 4).probs(logits_of(probs))
+    assert torch.allclose(kept, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=1e-6)
+
+
+def test_min_p_drops_tokens_below_the_scaled_max():
+    probs = [0.5, 0.3, 0.15, 0.05]  # min_p 0.2 -> threshold 0.1 drops token 3
+    got = draws(SamplingParams(temperature=1.0, top_p=1.0, min_p=0.2, seed=0), logits_of(probs))
+    assert set(got.tolist()) == {0, 1, 2}
+
+
+def test_temperature_comes_before_top_p():
+    # at T=1 top_p 0.65 keeps {0, 1}; at T=0.5 the tempered distribution is (0.78, 0.20, 0.02) -> {0}
+    logits = logits_of([0.6, 0.3, 0.1])
+    p = SamplingParams(temperature=1.0, top_p=0.65, min_p=0.0, seed=0)
+    assert set(draws(p, logits, n=500).tolist()) == {0, 1}
+    assert set(draws(p.with_(temperature=0.5), logits, n=500).tolist()) == {0}
+
+
+def test_penalties_exact_values():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    history = [0, 1, 1]
+    rep = apply_penalties(logits, history, SamplingParams(repetition_penalty=2.0))
+    assert rep.tolist() == [1.0, -2.0, 0.5, 3.0]
+    pres = apply_penalties(logits, history, SamplingParams(presence_penalty=0.5))
+    assert pres.tolist() == [1.5, -1.5, 0.5, 3.0]
+    freq = apply_penalties(logits, history, SamplingParams(frequency_penalty=0.25))
+    assert freq.tolist() == [1.75, -1.5, 0.5, 3.0]
+    both = apply_penalties(
+        logits, history, SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    )
+    assert both.tolist() == [0.25, -3.0, 0.5, 3.0]
+    assert logits.tolist() == [2.0, -1.0, 0.5, 3.0]  # the input is not modified
+    assert apply_penalties(logits, [], SamplingParams(repetition_penalty=2.0)) is logits
+
+
+def test_penalty_changes_the_greedy_choice():
+    logits = torch.tensor([3.0, 2.0])
+    sampler = Sampler(SamplingParams(temperature=0.0, repetition_penalty=2.0), 2)
+    assert sampler.sample(logits, []) == 0
+    assert sampler.sample(logits, [0]) == 1
+
+
+def reference_probs(logits, p: SamplingParams) -> torch.Tensor:
+    """The chain written plainly: full sort, Meta's top_p, then min_p."""
+    logits = logits / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    sp, order = torch.sort(probs, descending=True)
+    sp[(torch.cumsum(sp, -1) - sp) > p.top_p] = 0
+    probs = torch.zeros_like(probs).scatter_(0, order, sp)
+    probs /= probs.sum()
+    probs[probs < p.min_p * probs.max()] = 0
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])
+@pytest.mark.parametrize("top_p,min_p,top_k", [(0.9, 0.01, 0), (0.5, 0.0, 0), (1.0, 0.05, 0), (0.8, 0.02, 50)])
+def test_fast_truncation_equals_full_sort(scale, top_p, min_p, top_k):
+    logits = torch.randn(20000, generator=torch.Generator().manual_seed(3)) * scale
+    p = SamplingParams(temperature=0.7, top_p=top_p, min_p=min_p, top_k=top_k)
+    got = Sampler(p, 20000).probs(logits)
+    assert torch.allclose(got, reference_probs(logits, p), atol=1e-6)

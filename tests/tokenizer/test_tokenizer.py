@@ -1,79 +1,267 @@
-"""Token ids equal Meta's reference tokenizer, for both backends."""
+"""herd's tokenizer against Meta's reference tokenizer (llama_models), for both backends."""
 
 from __future__ import annotations
 
+import json
+import random
+
 import pytest
-from tok_strings import generated_strings
 
 from herd import TokenizerError
 from herd.tokenizer import Tokenizer
 
+# ------------------------------------------------------------------------------------ generated strings
+PIECES = [
+    # multilingual text
+    "Hello, world!", "The quick brown fox jumps over the lazy dog.", "naïve café", "日本語のテキスト", "中文字符测试",
+    "한국어 문장", "Привет, мир", "مرحبا بالعالم", "नमस्ते दुनिया", "Γειά σου", "שלום", "สวัสดีครับ", "Tiếng Việt có dấu",
+    "ﷺ", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "e\u0301\u0302", "ÀÉÎÕÜ", "straße STRASSE",
+    # emoji (multi-codepoint and flags)
+    "🎉🚀✨👩‍👩‍👧‍👦", "🇫🇷🇯🇵", "👍🏽", "🫠",
+    # code
+    "def f(x):\n    return x ** 2\n", "for (int i = 0; i < n; ++i) { a[i] += 1; }", "SELECT * FROM t WHERE id=3;",
+    "#include <stdio.h>\nint main(void) {\n\treturn 0;\n}\n", "const x = `${a}`; // comment", "<div class=\"a\">b</div>",
+    '{"key": [1, 2.5, null, true]}',
+    # special-token text (must stay text)
+    "<|eot|>", "<|begin_of_text|>", "<|header_start|>user<|header_end|>", "<|python_start|>", "<|fake_token|>",
+    "<|reserved_special_token_5|>", "<|eom|>\n\n", "<|image|><|patch|>",
+    # whitespace, numbers, contractions, misc
+    "   ", "\n\n\n", "\t\t", " \r\n ", "\u00a0\u2003", "1234567890", "3.14159e-10", "I'm You're It's", "DON'T SHOUT",
+    "https://example.com/a?b=c&d=e", "email@example.org", "$€£¥", "\u200b\u200d", "a" * 50, "ab " * 30, "--==**",
+]
+
+
+def generated_strings(n: int = 1000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.randint(1, 6)
+        parts = [rng.choice(PIECES) for _ in range(k)]
+        if rng.random() < 0.2:
+            parts.insert(rng.randrange(len(parts) + 1), rng.choice([" ", "\n", "\t", " \n"]) * rng.randint(1, 40))
+        if rng.random() < 0.1:
+            parts.append("".join(chr(rng.randint(0x20, 0x2FFF)) for _ in range(rng.randint(1, 30))))
+        if rng.random() < 0.05:
+            parts.append("".join(chr(rng.choice([rng.randint(0x4E00, 0x9FFF), rng.randint(0x1F300, 0x1FAFF)]))
+                                 for _ in range(rng.randint(1, 20))))
+        out.append(rng.choice(["", " ", "\n"]).join(parts))
+    # runs past Meta's 25,000-character cut (whitespace and non-whitespace)
+    out.append(" " * 30000 + "end")
+    out.append("a b\n" + "\n \t" * 9000 + "tail")
+    out.append("x" * 26000 + " y")
+    return out
+
+
+def long_string(seed: int = 1) -> str:
+    """Over 400,000 characters (Meta encodes such input in 400k-character slices)."""
+    rng = random.Random(seed)
+    words = ["hello", " world", "日本語", " مرحبا", "  ", "\n", "🎉", "def f(x):", "<|eot|>"]
+    return "".join(rng.choice(words) for _ in range(80000)) + " " * 26000 + "z" * 26000
+
+
+def meta_encode(meta_tokenizer, s, bos=False):
+    """Meta's reference encoding of user text: special-token text stays text."""
+    return meta_tokenizer.encode(s, bos=bos, eos=False, allowed_special=set(), disallowed_special=())
+
+
 STRINGS = generated_strings()
+WITH_SPECIAL_TEXT = [s for s in STRINGS if "<|" in s]
 
 
-@pytest.mark.parametrize("backend", ["tiktoken", "hf"])
-def test_ids_equal_meta_on_generated_strings(backend, meta_tokenizer, herd_tiktoken, herd_hf):
-    tok = herd_tiktoken if backend == "tiktoken" else herd_hf
-    assert len(STRINGS) >= 1000
-    mismatches = []
+def test_ids_equal_meta_on_generated_strings(herd_tok, meta_tokenizer):
+    assert len(STRINGS) >= 1000 and len(WITH_SPECIAL_TEXT) > 100
+    mismatches, bad_roundtrip = [], []
     for s in STRINGS:
-        want = meta_tokenizer.encode(s, bos=False, eos=False)
-        got = tok.encode(s)
-        if got != want:
+        ids = herd_tok.encode(s)
+        if ids != meta_encode(meta_tokenizer, s):
             mismatches.append(s[:60])
-        assert tok.decode(got) == s
-    assert not mismatches, mismatches[:5]
+        if herd_tok.decode(ids) != s:
+            bad_roundtrip.append(s[:60])
+    assert not mismatches, (len(mismatches), mismatches[:5])
+    assert not bad_roundtrip, (len(bad_roundtrip), bad_roundtrip[:5])
 
 
-def test_special_tokens_by_name_and_id(herd_tiktoken, herd_hf, meta_tokenizer):
-    for tok in (herd_tiktoken, herd_hf):
-        assert tok.vocab_size == 202048 if tok is herd_tiktoken else tok.vocab_size >= 201134
-        for name in ("<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|eot|>", "<|eom|>", "<|patch|>",
-                     "<|python_start|>", "<|finetune_right_pad|>"):
-            assert tok.token_id(name) == meta_tokenizer.special_tokens[name]
-        assert (tok.bos_id, tok.eot_id, tok.eom_id) == (200000, 200008, 200007)
-        assert tok.stop_ids == [200001, 200007, 200008]
-    assert herd_tiktoken.special_tokens == meta_tokenizer.special_tokens
-    with pytest.raises(TokenizerError, match="unknown special token"):
-        herd_tiktoken.token_id("<|nope|>")
+def test_generated_strings_cover_the_hard_cases():
+    joined = "".join(STRINGS[:1000])
+    for ch in ("日", "한", "م", "न", "🎉", "<|eot|>", "def f(x)"):
+        assert ch in joined
+    assert any(" " * 25_001 in s for s in STRINGS)  # a whitespace run over Meta's cut
+    assert any("x" * 25_001 in s for s in STRINGS)  # and a non-whitespace one
 
 
-def test_bos_exactly_once_and_no_special_injection(herd_tiktoken, herd_hf):
-    for tok in (herd_tiktoken, herd_hf):
-        ids = tok.encode("<|begin_of_text|>hi<|eot|>", bos=True)
-        assert ids[0] == 200000 and ids.count(200000) == 1
-        assert not (set(ids[1:]) & tok.special_ids)
-        assert tok.encode_with_specials("<|eot|>") == [200008]
+def test_stream_decoder_on_generated_strings(herd_tok):
+    for s in STRINGS[:300]:
+        ids = herd_tok.encode(s)
+        dec = herd_tok.stream_decoder()
+        pieces = [dec.push(i) for i in ids] + [dec.flush()]
+        assert "".join(pieces) == s == herd_tok.decode(ids)
+        assert not any("\ufffd" in p for p in pieces)
 
 
-def test_stream_decoder_never_splits_characters(herd_tiktoken, herd_hf):
-    for tok in (herd_tiktoken, herd_hf):
-        for s in ["🎉🚀✨👩‍👩‍👧‍👦 done", "日本語のテキスト", "naïve café", "مرحبا"]:
-            ids = tok.encode(s)
-            dec = tok.stream_decoder()
-            pieces = [dec.push(i) for i in ids] + [dec.flush()]
-            assert "".join(pieces) == s
-            assert all("\ufffd" not in p for p in pieces)
-        # some character really spans several tokens, so the test exercises the buffering
-        assert any(tok.decode([i]) != tok.id_to_piece(i).decode("utf-8", "ignore") for i in tok.encode("🎉👩‍👩‍👧‍👦"))
+def test_ids_equal_meta_on_input_over_400k_chars(herd_tok, meta_tokenizer):
+    s = long_string()
+    assert len(s) > 400_000
+    ids = herd_tok.encode(s)
+    assert ids == meta_encode(meta_tokenizer, s)
+    assert herd_tok.decode(ids) == s
 
 
-def test_bad_tokenizer_files(tmp_path):
-    bad = tmp_path / "tokenizer.model"
-    bad.write_text("not base64 !!! x\n")
-    with pytest.raises(TokenizerError, match="tokenizer.model: line 1"):
-        Tokenizer.from_tiktoken_file(bad)
-    js = tmp_path / "tokenizer.json"
-    js.write_text("{broken")
-    with pytest.raises(TokenizerError, match="tokenizer.json: not a valid tokenizer.json"):
-        Tokenizer.from_hf_json(js)
-    with pytest.raises(TokenizerError, match="no such tokenizer file"):
-        Tokenizer.from_tiktoken_file(tmp_path / "missing.model")
+def test_special_text_is_plain_text_and_bos_comes_once(herd_tok, meta_tokenizer):
+    for s in WITH_SPECIAL_TEXT[:200]:
+        ids = herd_tok.encode(s, bos=True)
+        assert ids == meta_encode(meta_tokenizer, s, bos=True)
+        assert ids[0] == 200000 and not set(ids[1:]) & herd_tok.special_ids
+    assert herd_tok.encode("<|eot|>") == meta_encode(meta_tokenizer, "<|eot|>")
+    assert len(herd_tok.encode("<|eot|>")) == 5
+    assert herd_tok.encode("", bos=True) == [200000] and herd_tok.encode("") == []
 
 
-def test_from_dir_prefers_tokenizer_json(tmp_path, hf_json_path):
+def test_encode_with_specials_maps_special_text_to_ids(herd_tok, meta_tokenizer):
+    for s in WITH_SPECIAL_TEXT[:200] + ["<|eot|>", "a<|header_start|>b<|header_end|>\n\n<|fake|>"]:
+        assert herd_tok.encode_with_specials(s) == meta_tokenizer.encode(s, bos=False, eos=False, allowed_special="all")
+    assert herd_tok.encode_with_specials("<|eot|>") == [200008]
+
+
+def test_special_tokens_and_ids_equal_meta(herd_tok, meta_tokenizer):
+    assert herd_tok.vocab_size == 202048
+    assert herd_tok.special_tokens == meta_tokenizer.special_tokens  # 2,048 names in Meta's id order
+    assert herd_tok.bos_id == meta_tokenizer.bos_id == 200000
+    assert herd_tok.eos_id == meta_tokenizer.eos_id == 200001
+    assert (herd_tok.eot_id, herd_tok.eom_id, herd_tok.pad_id) == (200008, 200007, 200018)
+    assert herd_tok.stop_ids == sorted(meta_tokenizer.stop_tokens)
+    for name in ("<|header_start|>", "<|python_start|>", "<|patch|>", "<|image|>", "<|reasoning_thinking_end|>",
+                 "<|reserved_special_token_903|>"):
+        assert herd_tok.token_id(name) == meta_tokenizer.special_tokens[name]
+    with pytest.raises(TokenizerError, match="unknown special token '<|nope|>'"):
+        herd_tok.token_id("<|nope|>")
+
+
+def test_pieces_equal_meta(herd_tok, meta_tokenizer):
+    for i in [*range(0, 202048, 97), 199999, 200000, 200008, 202047]:
+        assert herd_tok.id_to_piece(i) == meta_tokenizer.model.decode_single_token_bytes(i), i
+    ids = meta_encode(meta_tokenizer, "<|begin_of_text|>x", bos=True)
+    assert herd_tok.decode(ids) == meta_tokenizer.decode(ids)
+    assert herd_tok.decode([200000, *herd_tok.encode("hi"), 200008], skip_special=True) == "hi"
+    with pytest.raises(TokenizerError, match="out of range"):
+        herd_tok.id_to_piece(202048)
+
+
+def _splits_a_character(piece: bytes) -> bool:
+    try:
+        piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("text", ["🎉🚀✨👩‍👩‍👧‍👦 done", "日本語のテキスト🫠", "naïve café 龘靐齉", "مرحبا 𠜎𠜱𠝹 ᚠᛇᚻ", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ﷺ ꯃꯤꯇꯩ"])
+def test_stream_decoder_never_splits_characters(herd_tok, meta_tokenizer, text):
+    ids = meta_encode(meta_tokenizer, text)
+    # the string really has characters spread over several tokens, so buffering is exercised
+    assert any(_splits_a_character(meta_tokenizer.model.decode_single_token_bytes(i)) for i in ids)
+    dec = herd_tok.stream_decoder()
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text == meta_tokenizer.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stream_decoder_invalid_and_unfinished_bytes(herd_tok, meta_tokenizer):
+    one = meta_tokenizer.model.encode_single_token
+    ids = [one(b"\xf0"), one(b"a"), one(b"\xe6"), one(b"\x97"), one(b"\xa5"), one(b"\xf0"), one(b"\x9f")]
+    dec = herd_tok.stream_decoder()
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    want = meta_tokenizer.model.decode_bytes(ids).decode("utf-8", errors="replace")  # "\ufffda日\ufffd"
+    assert "".join(pieces) == want == herd_tok.decode(ids)
+    assert pieces[1] == "\ufffda" and pieces[4] == "日"
+    # specials are dropped by default, kept on request
+    dec = herd_tok.stream_decoder()
+    assert dec.push(200008) == "" and dec.push(one(b"a")) == "a"
+    assert herd_tok.stream_decoder(skip_special=False).push(200008) == "<|eot|>"
+
+
+# ------------------------------------------------------------------------------------ files
+
+
+@pytest.fixture
+def tiny_hf_dir(tmp_path):
+    """A small byte-level BPE tokenizer.json (built with `tokenizers`), with two added special tokens."""
+    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["he"], vocab["ll"], vocab["hell"] = 256, 257, 258
+    merges = [("h", "e"), ("l", "l"), ("he", "ll")]
+
+    def build():
+        tok = HF(models.BPE(vocab, merges))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+    tok = build()
+    tok.add_special_tokens(["<|begin_of_text|>", "<|eot|>"])  # ids 259, 260
+    directory = tmp_path / "tiny"
+    directory.mkdir()
+    tok.save(str(directory / "tokenizer.json"))
+    return directory, build()  # the reference without added tokens
+
+
+def test_tokenizer_json_with_config(tiny_hf_dir):
+    directory, plain_ref = tiny_hf_dir
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": {"content": "<|begin_of_text|>"},
+        "added_tokens_decoder": {"300": {"content": "<|eom|>", "special": True},
+                                 "260": {"content": "<|eot|>", "special": True}},
+    }))
+    tok = Tokenizer.from_dir(directory)
+    assert tok.source.endswith("tokenizer.json")
+    assert tok.special_tokens == {"<|begin_of_text|>": 259, "<|eot|>": 260, "<|eom|>": 300}
+    assert (tok.vocab_size, tok.bos_id, tok.eot_id, tok.eom_id, tok.eos_id, tok.pad_id) == (301, 259, 260, 300, None, None)
+    assert tok.stop_ids == [300, 260]
+    text = "hello <|eot|> héllo"
+    assert tok.encode(text, bos=True) == [259, *plain_ref.encode(text).ids]
+    assert tok.encode_with_specials("hell<|eot|>") == [258, 260]
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_from_dir_order(tmp_path, tiny_hf_dir, meta_model_path):
     import shutil
 
-    assert Tokenizer.from_dir(tmp_path).source.endswith("tokenizer.model")  # falls back to the default
-    shutil.copy(hf_json_path, tmp_path / "tokenizer.json")
-    assert Tokenizer.from_dir(tmp_path).source.endswith("tokenizer.json")
+    assert Tokenizer.from_dir(tmp_path).source.endswith("tokenizer.model")  # empty dir: Meta's default
+    shutil.copy(meta_model_path, tmp_path / "tokenizer.model")
+    assert Tokenizer.from_dir(tmp_path).source == str(tmp_path / "tokenizer.model")
+    shutil.copy(tiny_hf_dir[0] / "tokenizer.json", tmp_path / "tokenizer.json")
+    assert Tokenizer.from_dir(tmp_path).source == str(tmp_path / "tokenizer.json")
+    with pytest.raises(TokenizerError, match="not a directory"):
+        Tokenizer.from_dir(tmp_path / "missing")
+
+
+def test_bad_tokenizer_files(tmp_path, tiny_hf_dir):
+    bad = tmp_path / "tokenizer.model"
+    for content, match in [
+        ("IQ== 0\nnot base64 !!! x\n", "tokenizer.model: line 2 is not '<base64 token> <rank>'"),
+        ("IQ== 0\nIg== 5\n", "tokenizer.model: ranks are not 0..1"),
+        ("\n\n", "tokenizer.model: empty tokenizer file"),
+        ("IQ== 0\nIg== 1\n", "tokenizer.model: lacks single-byte tokens"),
+    ]:
+        bad.write_text(content)
+        with pytest.raises(TokenizerError, match=match):
+            Tokenizer.from_tiktoken_file(bad)
+    with pytest.raises(TokenizerError, match="missing.model: no such tokenizer file"):
+        Tokenizer.from_tiktoken_file(tmp_path / "missing.model")
+    js = tmp_path / "tokenizer.json"
+    for content in ["{broken", '{"model": 3}', "[]"]:
+        js.write_text(content)
+        with pytest.raises(TokenizerError, match="tokenizer.json: not a valid tokenizer.json"):
+            Tokenizer.from_hf_json(js)
+    with pytest.raises(TokenizerError, match="no such tokenizer file"):
+        Tokenizer.from_hf_json(tmp_path / "nope.json")
+    directory = tiny_hf_dir[0]
+    (directory / "tokenizer_config.json").write_text("{oops")
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: not a valid tokenizer_config.json"):
+        Tokenizer.from_hf_json(directory / "tokenizer.json")
+    (directory / "tokenizer_config.json").write_text('{"added_tokens_decoder": {"x": {"content": "<|a|>"}}}')
+    with pytest.raises(TokenizerError, match="added_tokens_decoder must map"):
+        Tokenizer.from_hf_json(directory / "tokenizer.json")
+    with pytest.raises(TokenizerError, match="expected a str"):
+        Tokenizer.default().encode(b"x")

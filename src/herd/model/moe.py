@@ -47,6 +47,8 @@ class Experts(nn.Module):
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         token_of = order // k  # which token each sorted assignment belongs to
         scaled_in = x[token_of] * scores.reshape(-1)[order, None]
+        if self._training_weights():
+            return self._forward_trainable(x, scaled_in, token_of, counts)
         out = torch.zeros_like(x)
         start = 0
         for e, count in enumerate(counts):
@@ -56,6 +58,23 @@ class Experts(nn.Module):
             out.index_add_(0, token_of[sl], self.run_expert(e, scaled_in[sl]))
             start += count
         return out
+
+    def _training_weights(self) -> bool:
+        stacks = (self.gate_proj, self.up_proj, self.down_proj)
+        return all(isinstance(w, torch.Tensor) for w in stacks) and any(w.requires_grad for w in stacks)
+
+    def _forward_trainable(self, x, scaled_in, token_of, counts) -> torch.Tensor:
+        """Same result, shaped for autograd (herd.train): each stack is unbound once and the pieces are
+        split/concatenated once, so backward allocates one gradient per stack instead of one per expert."""
+        gate, up, down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
+        outs = [
+            F.linear(F.silu(F.linear(piece, gate[e])) * F.linear(piece, up[e]), down[e])
+            for e, piece in enumerate(scaled_in.split(counts))
+            if piece.shape[0]
+        ]
+        if not outs:
+            return torch.zeros_like(x)
+        return torch.zeros_like(x).index_add(0, token_of, torch.cat(outs).to(x.dtype))
 
 
 class Router(nn.Module):
@@ -82,13 +101,18 @@ class MoE(nn.Module):
         self.shared_expert = SwiGLU(config.hidden_size, config.intermediate_size)
         # Observers (imatrix, expert-utilisation stats) may set this: called with (expert ids [N, k]).
         self.route_hook = None
+        # Training may set this: called with the router logits [N, E] (still in the autograd graph),
+        # e.g. for a load-balancing loss.
+        self.logits_hook = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        ids, scores, _ = self.router(flat)
+        ids, scores, router_logits = self.router(flat)
         if self.route_hook is not None:
             self.route_hook(ids)
+        if self.logits_hook is not None:
+            self.logits_hook(router_logits)
         out = self.shared_expert(flat)
         out = out + self.experts(flat, ids, scores)
         return out.view(shape)

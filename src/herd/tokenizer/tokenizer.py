@@ -12,8 +12,10 @@ Special tokens enter a prompt only by id (the chat formatter) or through ``encod
 
 from __future__ import annotations
 
-import base64
+import binascii
+import codecs
 import json
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -98,37 +100,37 @@ def split_long_runs(text: str) -> Iterable[str]:
 
 
 class StreamDecoder:
-    """Turns a stream of token ids into text pieces, never splitting a UTF-8 character."""
+    """Turns a stream of token ids into text pieces, never splitting a UTF-8 character.
+
+    ``push(id)`` returns the text completed so far (possibly ""); bytes of a character that is still
+    incomplete wait for the next token. Byte sequences that can never be valid UTF-8 become U+FFFD, as
+    ``decode`` does, so the concatenated pieces plus ``flush()`` always equal ``decode(ids)``.
+    """
 
     def __init__(self, tokenizer: "Tokenizer", skip_special: bool = True):
         self.tokenizer, self.skip_special = tokenizer, skip_special
-        self.buffer = b""
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
+        token_id = int(token_id)
         if self.skip_special and token_id in self.tokenizer.special_ids:
             return ""
-        self.buffer += self.tokenizer.id_to_piece(token_id)
-        # Emit the longest prefix that is complete UTF-8; keep up to 3 trailing bytes of a started character.
-        for cut in range(len(self.buffer), max(len(self.buffer) - 4, -1), -1):
-            try:
-                text = self.buffer[:cut].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            self.buffer = self.buffer[cut:]
-            if len(self.buffer) >= 4:  # not a character in progress but invalid bytes: give them up
-                text += self.buffer.decode("utf-8", errors="replace")
-                self.buffer = b""
-            return text
-        text, self.buffer = self.buffer.decode("utf-8", errors="replace"), b""
-        return text
+        return self._utf8.decode(self.tokenizer.id_to_piece(token_id))
 
     def flush(self) -> str:
-        text, self.buffer = self.buffer.decode("utf-8", errors="replace"), b""
+        """The text still held (an unfinished character comes out as U+FFFD); the decoder is then empty."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
         return text
 
 
 class Tokenizer:
-    """One interface over a tiktoken BPE file or a Hugging Face tokenizer.json."""
+    """One interface over a tiktoken BPE file or a Hugging Face tokenizer.json.
+
+    Attributes: ``vocab_size`` (all ids, specials included), ``bos_id``, ``eos_id`` (``<|end_of_text|>``),
+    ``eot_id``, ``eom_id``, ``pad_id`` (``<|finetune_right_pad|>`` or None), ``stop_ids`` and
+    ``special_tokens`` (name -> id). Ids of tokens a vocabulary lacks are None.
+    """
 
     def __init__(self, backend, special_tokens: dict[str, int], vocab_size: int, source: str, bos_name: str = "<|begin_of_text|>"):
         self._backend = backend
@@ -136,8 +138,9 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens)
         self.special_ids = frozenset(special_tokens.values())
         self._special_names = {i: n for n, i in special_tokens.items()}
+        self._special_re: re.Pattern | None = None
         self.vocab_size = vocab_size
-        self.bos_id = self.special_tokens.get(bos_name)
+        self.bos_id = self.special_tokens.get(bos_name, self.special_tokens.get("<|begin_of_text|>"))
         self.eos_id = self.special_tokens.get("<|end_of_text|>")
         self.eot_id = self.special_tokens.get("<|eot|>")
         self.eom_id = self.special_tokens.get("<|eom|>")
@@ -147,72 +150,109 @@ class Tokenizer:
     # ---------------------------------------------------------------- constructors
     @classmethod
     def from_tiktoken_file(cls, path: str | Path) -> "Tokenizer":
+        """Meta's ``tokenizer.model``: one ``<base64 token> <rank>`` per line; the 2,048 specials follow the ranks."""
         import tiktoken
 
         path = Path(path)
-        ranks: dict[bytes, int] = {}
         try:
-            with open(path, "rb") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    token, rank = line.split()
-                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+            data = path.read_bytes()
         except FileNotFoundError:
             raise TokenizerError(f"{path}: no such tokenizer file") from None
-        except (ValueError, OSError) as exc:
-            raise TokenizerError(f"{path}: line {n} is not '<base64 token> <rank>' ({type(exc).__name__})") from None
+        except OSError as exc:
+            raise TokenizerError(f"{path}: cannot read the tokenizer file ({exc.strerror or type(exc).__name__})") from None
+        ranks: dict[bytes, int] = {}
+        for n, line in enumerate(data.splitlines(), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                if len(fields) != 2:
+                    raise ValueError
+                ranks[binascii.a2b_base64(fields[0], strict_mode=True)] = int(fields[1])
+            except (ValueError, binascii.Error):
+                raise TokenizerError(f"{path}: line {n} is not '<base64 token> <rank>' (not a tiktoken BPE file?)") from None
         if not ranks:
-            raise TokenizerError(f"{path}: empty tokenizer file (expected base64 token + rank lines)")
+            raise TokenizerError(f"{path}: empty tokenizer file (expected '<base64 token> <rank>' lines)")
         base = len(ranks)
+        if sorted(ranks.values()) != list(range(base)):
+            raise TokenizerError(f"{path}: ranks are not 0..{base - 1}, each once (corrupt tokenizer file?)")
+        missing = sum(bytes([b]) not in ranks for b in range(256))
+        if missing:  # byte-level BPE needs every byte as a token, or some text cannot be encoded
+            raise TokenizerError(f"{path}: lacks single-byte tokens for {missing} of the 256 byte values (corrupt tokenizer file?)")
         specials = {name: base + i for i, name in enumerate(llama4_special_token_names())}
-        enc = tiktoken.Encoding(name=path.name, pat_str=O200K_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+        try:
+            enc = tiktoken.Encoding(name=path.name, pat_str=O200K_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+        except Exception as exc:  # tiktoken rejects e.g. a vocabulary without all 256 single bytes
+            raise TokenizerError(f"{path}: tiktoken cannot use this vocabulary ({' '.join(str(exc).split())[:200]})") from None
         return cls(_TiktokenBackend(enc), specials, base + NUM_SPECIAL, str(path))
 
     @classmethod
     def from_hf_json(cls, path: str | Path) -> "Tokenizer":
+        """A Hugging Face ``tokenizer.json``; a ``tokenizer_config.json`` beside it adds the special tokens of its
+        ``added_tokens_decoder`` that the tokenizer.json lacks and names the BOS token (``bos_token``)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
         path = Path(path)
+        if not path.is_file():
+            raise TokenizerError(f"{path}: no such tokenizer file")
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise TokenizerError(f"{path}: no such tokenizer file") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise TokenizerError(f"{path}: not a valid tokenizer.json ({type(exc).__name__})") from None
-        if not isinstance(raw, dict) or "model" not in raw:
-            raise TokenizerError(f"{path}: not a tokenizer.json (expected an object with a 'model')")
-        bos_name = "<|begin_of_text|>"
-        config = path.parent / "tokenizer_config.json"
-        if config.is_file():
-            try:
-                bos = json.loads(config.read_text(encoding="utf-8")).get("bos_token")
-                bos = bos.get("content") if isinstance(bos, dict) else bos
-                if isinstance(bos, str):
-                    bos_name = bos
-            except (ValueError, AttributeError):
-                pass
-        return cls._from_hf_dict(raw, str(path), bos_name)
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as exc:
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({' '.join(str(exc).split())[:200]})") from None
+        bos_name, extra = "<|begin_of_text|>", {}
+        config_path = path.parent / "tokenizer_config.json"
+        if config_path.is_file():
+            config = _read_json(config_path, "tokenizer_config.json")
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{config_path}: expected a JSON object")
+            bos = config.get("bos_token")
+            bos = bos.get("content") if isinstance(bos, dict) else bos
+            if isinstance(bos, str):
+                bos_name = bos
+            decoder = config.get("added_tokens_decoder") or {}
+            if not isinstance(decoder, dict):
+                raise TokenizerError(f"{config_path}: added_tokens_decoder must map '<id>' to {{'content': ...}}")
+            for key, tok in decoder.items():
+                try:
+                    tid, content, special = int(key), tok["content"], bool(tok.get("special", True))
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    raise TokenizerError(f"{config_path}: added_tokens_decoder must map '<id>' to {{'content': ...}}") from None
+                if special and isinstance(content, str):
+                    extra[content] = tid
+        return cls._from_hf_backend(backend, str(path), bos_name, extra)
 
     @classmethod
     def _from_hf_dict(cls, raw: dict, source: str, bos_name: str = "<|begin_of_text|>") -> "Tokenizer":
+        """From a tokenizer.json already parsed into a dict (e.g. one built from GGUF metadata)."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        added = raw.get("added_tokens") or []
-        specials = {t["content"]: int(t["id"]) for t in added if t.get("special", True)}
-        plain = dict(raw, added_tokens=[])  # a twin that never matches special text inside the input
-        plain["post_processor"] = None
         try:
-            full = HFTokenizer.from_str(json.dumps(raw))
-            plain_tok = HFTokenizer.from_str(json.dumps(plain))
+            backend = HFTokenizer.from_str(json.dumps(raw))
         except Exception as exc:
             raise TokenizerError(f"{source}: cannot build the tokenizer ({' '.join(str(exc).split())[:200]})") from None
-        vocab = raw["model"].get("vocab") or {}
-        ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
-        size = max(ids + [t["id"] for t in added]) + 1
-        return cls(_HFBackend(full, plain_tok), specials, size, source, bos_name)
+        return cls._from_hf_backend(backend, source, bos_name, {})
+
+    @classmethod
+    def _from_hf_backend(cls, backend, source: str, bos_name: str, extra: dict[str, int]) -> "Tokenizer":
+        added = backend.get_added_tokens_decoder()
+        specials = {tok.content: tid for tid, tok in sorted(added.items()) if tok.special}
+        for content, tid in extra.items():
+            specials.setdefault(content, tid)
+        # Special-token text in the input is encoded as ordinary text, as Meta encodes it; special tokens
+        # reach a prompt by id only. (Non-special added tokens are still matched, as HF does.)
+        backend.encode_special_tokens = True
+        backend.no_truncation()
+        backend.no_padding()
+        size = max([*backend.get_vocab(with_added_tokens=True).values(), *specials.values(), -1]) + 1
+        other_added = {tid: tok.content for tid, tok in added.items() if not tok.special}
+        return cls(_HFBackend(backend, other_added), specials, size, source, bos_name)
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> "Tokenizer":
+        """``tokenizer.json`` if the directory has one, else ``tokenizer.model``, else Meta's default."""
         directory = Path(directory)
+        if not directory.is_dir():
+            raise TokenizerError(f"{directory}: not a directory (expected one holding tokenizer.json or tokenizer.model)")
         if (directory / "tokenizer.json").is_file():
             return cls.from_hf_json(directory / "tokenizer.json")
         if (directory / "tokenizer.model").is_file():
@@ -226,22 +266,40 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- encode / decode
     def encode(self, text: str, bos: bool = False) -> list[int]:
+        """Token ids of `text`; special-token text in it is encoded as ordinary text. BOS first iff `bos`."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode: expected a str, got {type(text).__name__}")
         ids = self._backend.encode_plain(text)
         return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
 
     def encode_with_specials(self, text: str) -> list[int]:
-        """Encode text in which special-token strings (``<|eot|>``) stand for the special tokens."""
-        return self._backend.encode_specials(text, self.special_tokens)
+        """Encode text in which special-token strings (``<|eot|>``) stand for the special tokens, e.g. a
+        rendered chat template. Never use this on text a user wrote."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode_with_specials: expected a str, got {type(text).__name__}")
+        if self._special_re is None:
+            names = sorted(self.special_tokens, key=len, reverse=True)
+            self._special_re = re.compile("|".join(map(re.escape, names))) if names else re.compile(r"(?!)")
+        ids: list[int] = []
+        pos = 0
+        for m in self._special_re.finditer(text):
+            if m.start() > pos:
+                ids += self._backend.encode_plain(text[pos : m.start()])
+            ids.append(self.special_tokens[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            ids += self._backend.encode_plain(text[pos:])
+        return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        """Text of `ids`; special tokens appear as their names unless `skip_special`."""
         data = b"".join(
-            self.id_to_piece(int(i)) for i in ids if not (skip_special and int(i) in self.special_ids)
+            self.id_to_piece(i) for i in map(int, ids) if not (skip_special and i in self.special_ids)
         )
         return data.decode("utf-8", errors="replace")
 
     def id_to_piece(self, token_id: int) -> bytes:
+        """The raw bytes of one token (a special token: its name in UTF-8)."""
         name = self._special_names.get(token_id)
         if name is not None:
             return name.encode("utf-8")
@@ -250,6 +308,7 @@ class Tokenizer:
         return self._backend.piece(token_id)
 
     def token_id(self, name: str) -> int:
+        """The id of special token `name` (e.g. ``"<|eot|>"``)."""
         if name not in self.special_tokens:
             raise TokenizerError(f"{self.source}: unknown special token {name!r}")
         return self.special_tokens[name]
@@ -261,6 +320,17 @@ class Tokenizer:
         return f"Tokenizer({self.source!r}, vocab={self.vocab_size}, backend={type(self._backend).__name__})"
 
 
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TokenizerError(f"{path}: no such tokenizer file") from None
+    except OSError as exc:
+        raise TokenizerError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise TokenizerError(f"{path}: not a valid {what} ({type(exc).__name__})") from None
+
+
 class _TiktokenBackend:
     def __init__(self, enc):
         self.enc = enc
@@ -268,13 +338,7 @@ class _TiktokenBackend:
     def encode_plain(self, text: str) -> list[int]:
         out: list[int] = []
         for piece in split_long_runs(text):
-            out.extend(self.enc.encode(piece, allowed_special=set(), disallowed_special=()))
-        return out
-
-    def encode_specials(self, text: str, specials: dict[str, int]) -> list[int]:
-        out: list[int] = []
-        for piece in split_long_runs(text):
-            out.extend(self.enc.encode(piece, allowed_special="all", disallowed_special=()))
+            out.extend(self.enc.encode_ordinary(piece))
         return out
 
     def piece(self, token_id: int) -> bytes:
@@ -285,29 +349,29 @@ class _TiktokenBackend:
 
 
 class _HFBackend:
-    def __init__(self, full, plain):
-        self.full, self.plain = full, plain
+    def __init__(self, tok, added: dict[int, str]):
+        self.tok = tok
+        self.added = added  # non-special added tokens: id -> text
         self._pieces: dict[int, bytes] = {}
 
     def encode_plain(self, text: str) -> list[int]:
         out: list[int] = []
         for piece in split_long_runs(text):
-            out.extend(self.plain.encode(piece, add_special_tokens=False).ids)
+            out.extend(self.tok.encode(piece, add_special_tokens=False).ids)
         return out
-
-    def encode_specials(self, text: str, specials: dict[str, int]) -> list[int]:
-        return self.full.encode(text, add_special_tokens=False).ids
 
     def piece(self, token_id: int) -> bytes:
         cached = self._pieces.get(token_id)
         if cached is None:
-            token = self.full.id_to_token(token_id)
+            if token_id in self.added:  # an added token is its own text, not byte-level symbols
+                return self.added[token_id].encode("utf-8")
+            token = self.tok.id_to_token(token_id)
             if token is None:
                 return b""
             table = unicode_to_byte()
             try:
                 cached = bytes(table[c] for c in token)
-            except KeyError:  # not a byte-level token (e.g. an added non-special token): its text
+            except KeyError:  # not a byte-level vocabulary: the token's own text
                 cached = token.encode("utf-8")
             self._pieces[token_id] = cached
         return cached
