@@ -13,6 +13,7 @@ Phases (each resumes from its last checkpoint when the script is run again with 
               assistant's turns only), mixed with some pretraining rows
 5. export     ``OUT/model``: HF layout (config.json, model.safetensors, tokenizer files) for ``herd.load``
 6. report     ``OUT/summary.json``: losses, perplexities, unigram baseline, expert use, samples, timings
+7. ship       ``--ship FILE``: the exported model as the bundled GGUF (Q8_0: the best type under ~40 MB)
 
 ``--pretrain-minutes``/``--chat-minutes`` fix each phase's step count from the measured step time; the
 summary records the resolved counts and a ``reproduce`` command with ``--pretrain-steps``/``--chat-steps``
@@ -78,8 +79,23 @@ def parse_args(argv=None):
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--max-train-mb", type=float, default=0, help="use only this many MB of train.txt (smoke runs)")
     ap.add_argument("--export-dtype", default="bf16", choices=["bf16", "f32"])
+    ap.add_argument("--ship", help="also write the exported model as this Q8_0 GGUF (src/herd/data/demo/...)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
+
+
+def ship_gguf(model_dir: Path, target: Path, progress: bool = True) -> Path:
+    """The bundled file: matrices Q8_0 (F16 would be ~64 MB), norms/router F32, tokenizer + chat template."""
+    from herd.config import Config
+    from herd.llm import _read_chat_template
+    from herd.weights.gguf_write import OUTTYPES, hf_tensor_getter, write_gguf
+
+    config = Config.from_file(model_dir / "config.json")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_gguf(target, config, hf_tensor_getter(model_dir, config), model_dir,
+               chat_template=_read_chat_template(model_dir), outtype=OUTTYPES["q8_0"], name="herd-demo",
+               progress=progress)
+    return target
 
 
 def log(msg: str) -> None:
@@ -332,6 +348,10 @@ def main(argv=None) -> dict:
         "expert_balance": utilisation_summary(final_valid["utilisation"]),
         "samples": sampled,
     }
+    if a.ship:
+        shipped = ship_gguf(model_dir, Path(a.ship), progress=not a.no_progress)
+        summary["shipped"] = {"file": str(shipped), "bytes": shipped.stat().st_size, "sha256": sha256(shipped)}
+        log(f"shipped {shipped} ({shipped.stat().st_size:,} bytes)")
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, out / "summary.json")

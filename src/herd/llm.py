@@ -244,4 +244,8 @@ def _read_generation(path: Path) -> dict:
         raw = json.loads(f.read_text(encoding="utf-8"))
     except ValueError:
         return {}
-    return {k: raw[k] for k in ("temperature", "top_p", "top_k", "min_p") if isinstance(raw, dict) and k in raw}
+    if not isinstance(raw, dict):
+        return {}
+    if raw.get("do_sample") is False:  # transformers' greedy switch: the sampling values are then ignored
+        return {"temperature": 0.0}
+    return {k: raw[k] for k in ("temperature", "top_p", "top_k", "min_p") if k in raw}

@@ -16,6 +16,12 @@ SUBCOMMANDS = {
     "chat": "chat",
     "convert": "convert",
     "serve": "serve",
+    "quantize": "quantize",
+    "imatrix": "imatrix",
+    "perplexity": "perplexity",
+    "kld": "kld",
+    "quant-report": "quant_report",
+    "bench": "bench",
 }
 
 
