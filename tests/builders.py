@@ -58,3 +58,32 @@ def real_vocab_config(**overrides):
               intermediate_size_mlp=64, bos_token_id=200000, eos_token_id=[200001, 200007, 200008])
     kw.update(overrides)
     return tiny_text_config(**kw)
+
+
+def byte_bpe_tokenizer_json(n_vocab: int = 512) -> dict:
+    """A small byte-level BPE tokenizer.json with Llama 4's pre-tokenizer: 256 byte tokens, a few merges,
+    then special tokens up to n_vocab (BOS = 256 + merges)."""
+    from herd.tokenizer.tokenizer import O200K_PATTERN, byte_to_unicode
+
+    b2u = byte_to_unicode()
+    vocab = {b2u[i]: i for i in range(256)}
+    merges = []
+    for pair in ["Ġ t", "h e", "Ġt he", "i n", "e r", "a n", "o n", "Ġ a", "r e", "Ġ s", "e n", "Ġ w", "o r", "in g"]:
+        a, b = pair.split(" ")
+        merges.append([a, b])
+        vocab.setdefault(a + b, len(vocab))
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>"]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(n_vocab - len(vocab) - len(names))]
+    added = [{"id": len(vocab) + i, "content": n, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, n in enumerate(names)]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": O200K_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": vocab, "merges": merges},
+    }

@@ -41,41 +41,12 @@ def gguf_model(tmp_path_factory):
     return hf_dir, out
 
 
-def byte_bpe_tokenizer_json(n_vocab: int = SMALL_VOCAB) -> dict:
-    """A small byte-level BPE tokenizer.json with Llama 4's pre-tokenizer: 256 byte tokens, a few merges,
-    then special tokens up to n_vocab (BOS = 256 + merges)."""
-    from herd.tokenizer.tokenizer import O200K_PATTERN, byte_to_unicode
-
-    b2u = byte_to_unicode()
-    vocab = {b2u[i]: i for i in range(256)}
-    merges = []
-    for pair in ["Ġ t", "h e", "Ġt he", "i n", "e r", "a n", "o n", "Ġ a", "r e", "Ġ s", "e n", "Ġ w", "o r", "in g"]:
-        a, b = pair.split(" ")
-        merges.append([a, b])
-        vocab.setdefault(a + b, len(vocab))
-    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>"]
-    names += [f"<|reserved_special_token_{i}|>" for i in range(n_vocab - len(vocab) - len(names))]
-    added = [{"id": len(vocab) + i, "content": n, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for i, n in enumerate(names)]
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": O200K_PATTERN}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-        "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": vocab, "merges": merges},
-    }
-
-
 @pytest.fixture(scope="session")
 def small_model(tmp_path_factory):
     """(HF dir, F32 GGUF) with widths that K-quants fit (hidden, expert and dense widths 256), 2 experts top-1,
     dense and MoE layers alternating (interleave step 2), llama3 RoPE scaling (so rope_freqs.weight is
     written) and a 512-token byte-level tokenizer.json. Kept small: quantizing is slow in pure torch."""
-    from builders import random_hf_model, tiny_text_config
+    from builders import byte_bpe_tokenizer_json, random_hf_model, tiny_text_config
 
     from herd.cli.main import main
 
@@ -87,7 +58,7 @@ def small_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("small")
     hf_dir = root / "small_hf"
     random_hf_model(cfg, seed=1, std=0.05).save_pretrained(hf_dir)
-    (hf_dir / "tokenizer.json").write_text(json.dumps(byte_bpe_tokenizer_json()), encoding="utf-8")
+    (hf_dir / "tokenizer.json").write_text(json.dumps(byte_bpe_tokenizer_json(SMALL_VOCAB)), encoding="utf-8")
     out = root / "small-f32.gguf"
     assert main(["convert", "-m", str(hf_dir), "-o", str(out)]) == 0
     return hf_dir, out

@@ -717,6 +717,25 @@ def write_gguf(
             tmp.unlink(missing_ok=True)
 
 
+def planned_size(config: Config, qtypes: Mapping[str, Any], tokenizer: Any = None, chat_template: str | None = None,
+                 name: str = "model", file_type: int = 0, extra_kv: Callable[[KV], None] | None = None) -> int:
+    """The exact size of the single-file GGUF ``write_gguf`` would write for this type plan (no data read):
+    header, metadata and tensor infos, plus every tensor's aligned data."""
+    infos: list[_Info] = []
+    rope = _rope_factors(config)
+    if rope is not None:
+        infos.append(_Info(names.GGUF_ROPE_FREQS, None, tuple(rope.shape), F32, rope.numel() * 4))
+    for n, s in tensor_plan(config):
+        q = _qtype_id(qtypes[n]) if n in qtypes else default_type(n, s, F32)
+        infos.append(_Info(names.to_gguf(n), n, s, q, _nbytes(s, q)))
+    vocab = resolve_vocab(tokenizer).padded(config.vocab_size)
+    kv = _metadata(config, vocab, chat_template, name, file_type, _size_label(infos))
+    if extra_kv is not None:
+        extra_kv(kv)
+    _, start = _header(kv, infos)
+    return start + sum(_pad(i.nbytes) for i in infos)
+
+
 # ---------------------------------------------------------------------------------------------- HF -> GGUF
 
 
@@ -783,5 +802,5 @@ def convert_hf(directory: str | Path, out: str | Path, outtype: str = "f32", pro
     )
 
 
-__all__ = ["write_gguf", "convert_hf", "resolve_vocab", "GGUFVocab", "checkpoint_vocab", "tensor_plan",
+__all__ = ["write_gguf", "planned_size", "convert_hf", "resolve_vocab", "GGUFVocab", "checkpoint_vocab", "tensor_plan",
            "default_type", "is_quantizable", "hf_tensor_getter", "part_paths", "KV", "OUTTYPES", "FILE_TYPES"]
