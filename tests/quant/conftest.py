@@ -14,10 +14,11 @@ BOS = 256 + 14
 
 @pytest.fixture(scope="session")
 def quant_model(tmp_path_factory):
-    """HF directory of a 2-layer model: hidden 256, 4 experts × 256, top-1."""
+    """HF directory of a 4-layer model (llama.cpp needs a full-attention layer: every 4th): hidden 256, 4 experts
+    × 256, top-1."""
     from builders import byte_bpe_tokenizer_json, random_hf_model, tiny_text_config
 
-    cfg = tiny_text_config(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+    cfg = tiny_text_config(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=64, intermediate_size=256, intermediate_size_mlp=256,
                            num_local_experts=4, bos_token_id=BOS, eos_token_id=[BOS + 1], **LLAMA_CPP_CONSTANTS)
     path = tmp_path_factory.mktemp("quant") / "hf"

@@ -122,3 +122,15 @@ def test_importance_lowers_the_weighted_error(qtype):
         return float((importance * (formats.dequantize(q, qtype, w.shape) - w) ** 2).sum())
 
     assert weighted_error(importance) < 0.9 * weighted_error(None)
+
+
+def test_expert_stack_uses_each_experts_importance():
+    from herd.quant.qtensor import QTensor
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(3, 8, 256, generator=g)
+    imp = torch.rand(3, 256, generator=g) + 0.01
+    stack = QTensor.quantize(w, "Q4_K", imp)
+    for e in range(3):
+        one = formats.quantize(w[e], "Q4_K", importance=imp[e])
+        assert torch.equal(stack.data[e * 8:(e + 1) * 8], one)

@@ -66,6 +66,9 @@ class QTensor:
     def quantize(cls, x: torch.Tensor, qtype, importance: torch.Tensor | None = None) -> "QTensor":
         """Encode a float tensor [.., in] (e.g. for tests or on-the-fly quantization)."""
         shape = tuple(x.shape)
+        if importance is not None and len(shape) == 3 and torch.as_tensor(importance).dim() == 2:
+            # one importance vector per expert ([E, in], as imatrices hold them) -> one per row of the stack
+            importance = torch.as_tensor(importance)[:, None, :].expand(shape).reshape(-1, shape[-1])
         blocks = formats.quantize(x.detach().float().reshape(-1, shape[-1]).contiguous(), qtype, importance=importance)
         return cls(blocks, qtype, shape)
 

@@ -120,6 +120,7 @@ def run_report(model, eval_text: str, calib_text: str, out_md: Path, ctx: int = 
 
 def write_markdown(path: Path, rows: list[Row], base, config, meta: dict) -> None:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     png = path.with_suffix(".png")
     plot_kld_vs_bpw(png, rows)
     lines = [
