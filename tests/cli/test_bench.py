@@ -1,0 +1,22 @@
+"""`herd bench`: runs each engine in its own process and prints a table (never asserts a speed)."""
+
+import json
+
+from herd.cli.bench import physical_cores
+from herd.cli.main import main
+
+
+def test_bench_json_on_the_demo(capsys):
+    assert main(["bench", "-p", "8", "-n", "4", "-t", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    herd = result["herd"]
+    assert set(herd) == {"load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mib"}
+    assert all(v > 0 for v in herd.values())
+
+
+def test_bench_table_and_errors(capsys):
+    assert main(["bench", "-p", "4", "-n", "2", "-t", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| prefill tok/s |" in out and "| decode tok/s |" in out and "| peak RSS MiB |" in out
+    assert main(["bench", "-p", "0"]) == 1
+    assert 1 <= physical_cores()
