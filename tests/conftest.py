@@ -25,3 +25,13 @@ def hf_checkpoint(tmp_path):
         return model, path
 
     return make
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """llama-cpp-python, for the opt-in `llamacpp` tests (they are deselected unless -m llamacpp is given)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
+    return llama_cpp

@@ -19,15 +19,6 @@ WRITABLE = [p for p in PRESETS if not build_plan(herd.Config.preset("scout"), p)
 
 
 @pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
-    return llama_cpp
-
-
-@pytest.fixture(scope="module")
 def imatrix_file(quant_model, sample_text, tmp_path_factory):
     root = tmp_path_factory.mktemp("imx")
     (root / "calib.txt").write_text(sample_text)

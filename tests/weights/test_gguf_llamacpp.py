@@ -18,15 +18,6 @@ import herd
 pytestmark = pytest.mark.llamacpp
 
 
-@pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
-    return llama_cpp
-
-
 def _llama_logits(llama_cpp, path, tokens, **kw):
     ref = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, type_k=0, type_v=0,
                           flash_attn=False, verbose=False, n_threads=2, **kw)

@@ -186,11 +186,9 @@ def plot_kld_vs_bpw(path: Path, rows: list[Row]) -> Path | None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    from ..train.plot import save_png
+
+    return save_png(fig, path)
 
 
 __all__ = ["run_report", "REPORT_PRESETS", "Row"]

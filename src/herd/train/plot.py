@@ -33,6 +33,13 @@ def plot_losses(path: str | Path, train: Points, valid: Points = (), title: str 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG via a temp file + rename, and close it."""
+    import matplotlib.pyplot as plt
+
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, format="png")
     plt.close(fig)
