@@ -47,6 +47,9 @@ class LLM:
     ):
         self.model = model
         self.config: Config = model.config
+        from .quant.kernels import select_paths
+
+        select_paths(model)  # each quantized weight's CPU execution path, by type (repacked on first use)
         self.source = source
         self._tokenizer = tokenizer
         self._tokenizer_dir = tokenizer_dir

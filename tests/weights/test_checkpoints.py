@@ -44,7 +44,10 @@ def test_conditional_generation_sharded_checkpoint_matches(tmp_path):
     assert any(k.startswith("vision_model.") for k in index["weight_map"])
     ids = _ids(text.config.vocab_size, seed=1)
     with torch.no_grad():
-        want = mm(input_ids=ids).logits
+        try:
+            want = mm(input_ids=ids).logits
+        except AttributeError:  # transformers 5.24's text-only forward fails building its output: same path
+            want = mm.language_model(input_ids=ids).logits
         want_text = text(ids).logits
     llm = herd.load(path)
     assert llm.config.architecture == "Llama4ForConditionalGeneration"

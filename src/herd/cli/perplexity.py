@@ -1,4 +1,8 @@
-"""`herd perplexity`: perplexity of a model on a text file (llama-perplexity's chunking and scoring)."""
+"""`herd perplexity`: perplexity of a model on a text file, with llama-perplexity's chunking and scoring
+(chunks of -c tokens, BOS first, the second half of each chunk scored; see herd.eval.perplexity).
+
+    herd perplexity -m MODEL -f text.txt [-c CTX] [--chunks N] [--json]
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import json
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared with `herd kld`."""
     p.add_argument("-f", "--file", required=True, help="UTF-8 text file")
     p.add_argument("-c", "--ctx-size", type=int, default=512, help="tokens per chunk (default 512)")
     p.add_argument("--chunks", type=int, default=None, help="use at most this many chunks")
@@ -15,7 +20,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("perplexity", help="perplexity of a model on a text file")
+    p = sub.add_parser("perplexity", help="perplexity of a model on a text file (llama-perplexity's method)")
     p.add_argument("-m", "--model", default="demo", help="model directory, .gguf or hub id (default: the demo)")
     add_eval_args(p)
     p.set_defaults(func=run)

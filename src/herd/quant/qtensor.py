@@ -61,6 +61,9 @@ class QTensor:
                 f"{self.format.name} tensor of shape {list(self.shape)} needs {rows * self.row_bytes} bytes, got {raw.numel()}"
             )
         self.data = raw.view(rows, self.row_bytes)
+        self._fast_path: str | None = None  # set by kernels.select_paths at load; None = decode blocks
+        self._fast: dict[int, object] = {}  # expert (0 for a 2-D weight) -> repacked form, built on first use
+        self._fast_lock = threading.Lock()
 
     @classmethod
     def quantize(cls, x: torch.Tensor, qtype, importance: torch.Tensor | None = None) -> "QTensor":
@@ -150,6 +153,36 @@ class QTensor:
         rows = formats.dequantize(self.data[uniq], self.qtype, (uniq.numel(), self.shape[-1]))
         return rows[inverse].reshape(*ids.shape, self.shape[-1]).to(dtype)
 
+    # ------------------------------------------------------------------ fast paths (see kernels.py)
+    def use_fast_path(self) -> str:
+        """Choose this weight's execution path from its type and shape; -> the path's name."""
+        from . import kernels
+
+        self._fast_path = kernels.path_for(self.qtype, self.shape) if self.data.device.type == "cpu" else "dequant"
+        return self._fast_path
+
+    def _repacked(self, expert: int):
+        """The repacked form of expert `expert` (or of the whole 2-D weight), built once and cached; None when
+        this weight decodes blocks."""
+        from . import kernels
+
+        if self._fast_path in (None, "dequant") or not kernels.enabled():
+            return None
+        fast = self._fast.get(expert)
+        if fast is None:
+            with self._fast_lock:
+                fast = self._fast.get(expert)
+                if fast is None:
+                    out = self.shape[-2]
+                    blocks = self.data[expert * out : (expert + 1) * out]
+                    fast = self._fast[expert] = kernels.build(self._fast_path, blocks, self.qtype, self.shape[-2:])
+        return fast
+
+    def prepare(self) -> None:
+        """Repack every expert (or the whole weight) now rather than on first use."""
+        for e in range(self.shape[0] if len(self.shape) == 3 else 1):
+            self._repacked(e)
+
     # ------------------------------------------------------------------ matmuls
     @staticmethod
     def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -183,6 +216,9 @@ class QTensor:
         """y = x @ W.T for a 2-D weight (W never decoded whole)."""
         if len(self.shape) != 2:
             raise ValueError(f"linear on a {len(self.shape)}-D quantized tensor (use expert_linear)")
+        fast = self._repacked(0) if self._fast_path else None
+        if fast is not None:
+            return fast.linear(x)
         return self._rows_linear(x, 0, self.shape[0])
 
     def expert_linear(self, x: torch.Tensor, expert: int) -> torch.Tensor:
@@ -191,6 +227,9 @@ class QTensor:
             raise ValueError("expert_linear needs an [E, out, in] tensor")
         if not 0 <= expert < self.shape[0]:
             raise IndexError(f"expert {expert} out of range for {self.shape[0]} experts")
+        fast = self._repacked(expert) if self._fast_path else None
+        if fast is not None:
+            return fast.linear(x)
         out_features = self.shape[1]
         return self._rows_linear(x, expert * out_features, out_features)
 

@@ -1,0 +1,312 @@
+"""Fast CPU execution paths for quantized weights, chosen once per tensor type.
+
+A ``QTensor`` on its own decodes GGUF blocks slab by slab for every matmul (exact, but the block decoders
+run at ~0.2-1 G weights/s in torch). When a model is loaded, ``select_paths`` gives each quantized weight
+one of these paths, by type (``PATHS``); the weight is repacked on first use (per expert for [E, out, in]
+stacks, so a decode step repacks and reads only the experts it selects) and the repacked form is cached:
+
+* ``int4`` — Q4_0, Q4_1, Q4_K: each value is code * step + offset with a 4-bit code and one (step, offset)
+  per 32 values (Q4_0: d, -8d; Q4_1: d, m; Q4_K: d*sc, -dmin*m per sub-block), which is torch's int4
+  format ``(code - 8) * scale + zero`` with scale = step, zero = offset + 8*step; small batches run
+  ``aten._weight_int4pack_mm_for_cpu`` (group size 32). The codes are exact; scale and zero are rounded
+  to bfloat16 (the kernel's only fast dtype here: with float32 activations it runs ~40x slower), and
+  activations/outputs are bfloat16 inside that kernel.
+* ``int4x2`` — Q8_0, Q5_0, Q5_1, Q5_K: the same affine form with 5- or 8-bit codes, split into two 4-bit
+  planes (code = 16*hi + lo) laid side by side along K, the input repeated to match: one int4 kernel call
+  over 2K, codes exact, the same bfloat16 rounding of scales as ``int4``.
+* ``int8`` — Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS (scales per 16 values or non-linear codebooks: no exact
+  int4 form with groups of 32): decoded once and requantized to int8 with one scale per row for
+  ``aten._weight_int8pack_mm``. Not exact: the added error is at most half an int8 step of the row's
+  largest value, a small fraction of these types' own rounding — the measured KL divergence is in
+  benchmarks/RESULTS.md.
+* ``dequant`` — every other type (and any weight whose shape the kernels do not take): QTensor's own
+  slab decoding into a reusable float32 buffer.
+
+Both kernels are compute-bound on an AVX2 CPU once a batch has more than a few rows, so above
+``SMALL_BATCH`` rows (prefill) the repacked weight is expanded into a reusable float32 buffer and
+multiplied with the BLAS GEMM instead (cheap: codes are already unpacked, no block decoding).
+Switch every fast path off with ``HERD_FAST_KERNELS=0`` (or ``set_enabled(False)``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from . import formats
+from .formats import QType
+
+GROUP = 32  # int4 group size: every int4 type here has (scale, min) per 32 values
+SMALL_BATCH = 8  # rows of x up to which the fused kernels beat dequantize + GEMM (measured on AVX2)
+
+PATHS: dict[QType, str] = {
+    QType.Q4_0: "int4", QType.Q4_1: "int4", QType.Q4_K: "int4",
+    QType.Q8_0: "int4x2", QType.Q5_0: "int4x2", QType.Q5_1: "int4x2", QType.Q5_K: "int4x2", QType.Q6_K: "int8",
+    QType.Q2_K: "int8", QType.Q3_K: "int8", QType.IQ4_NL: "int8", QType.IQ4_XS: "int8",
+}
+
+CODE_BITS = {QType.Q4_0: 4, QType.Q4_1: 4, QType.Q4_K: 4, QType.Q5_0: 5, QType.Q5_1: 5, QType.Q5_K: 5, QType.Q8_0: 8}
+
+_enabled = os.environ.get("HERD_FAST_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+_scratch = threading.local()
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn the fast paths on or off for weights used from now on (repacked forms stay cached)."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+def path_for(qtype, shape: tuple[int, ...]) -> str:
+    """The path a weight of this type and shape ([out, in] or [E, out, in]) gets."""
+    path = PATHS.get(formats.format_of(qtype).qtype, "dequant")
+    out, k = shape[-2], shape[-1]
+    if path.startswith("int4") and (not row_block() or out % row_block() or k % GROUP):
+        return "dequant"  # Int4Weight.dequantize reads torch's int4 layout (blocks of 32 or 64 output rows)
+    return path
+
+
+def _buffer(numel: int) -> torch.Tensor:
+    """One float32 buffer per thread for an expanded weight, reused by every layer."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
+def _flat(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
+
+
+# ---------------------------------------------------------------------------------------------- int4
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).float().squeeze(-1)
+
+
+def affine_parts(blocks: torch.Tensor, qtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF blocks [rows, row_bytes] of an affine type -> (codes uint8 [rows, K], step, offset float32
+    [rows, K/32]) with w = code * step + offset exactly (in float32), one (step, offset) per 32 values."""
+    q = formats.format_of(qtype).qtype
+    f = formats.format_of(q)
+    rows = blocks.shape[0]
+    b = blocks.reshape(rows, -1, f.type_size)  # [rows, blocks, bytes]
+    if q == QType.Q8_0:
+        d = _f16(b[..., 0:2])
+        return (b[..., 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8).reshape(rows, -1), d, -128 * d
+    if q in (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1):
+        qs = b[..., -16:]
+        codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # low nibbles are values 0-15, high 16-31
+        if q in (QType.Q5_0, QType.Q5_1):  # bit i of the 32-bit qh is value i's fifth bit
+            qh = b[..., -20:-16]
+            codes |= (((qh[..., :, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(rows, -1, 32)) << 4
+        d = _f16(b[..., 0:2])
+        base = {QType.Q4_0: -8 * d, QType.Q5_0: -16 * d}.get(q)
+        return codes.reshape(rows, -1), d, base if base is not None else _f16(b[..., 2:4])
+    if q in (QType.Q4_K, QType.Q5_K):
+        d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
+        sc, mn = formats._scale_min_k4(b[..., 4:16])
+        start = 16 if q == QType.Q4_K else 48
+        qs = b[..., start : start + 128].reshape(rows, -1, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8)[:, None]
+        codes = (qs & 0x0F).reshape(rows, -1, 8, 32)  # per 64 values: 32 low nibbles, then 32 high ones
+        if q == QType.Q5_K:  # bit g of qh[l] is the fifth bit of sub-block g's value l
+            qh = b[..., 16:48]
+            codes = codes | (((qh[..., None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1) << 4)
+        return codes.reshape(rows, -1), (d * sc.float()).reshape(rows, -1), (-dmin * mn.float()).reshape(rows, -1)
+    raise ValueError(f"{f.name} has no affine (code * step + offset per 32) form")
+
+
+_ROW_BLOCK: int | None = None  # output rows per block of torch's CPU int4 pack; 0 = a layout we cannot read
+
+
+def row_block() -> int:
+    """torch's CPU int4 pack stores each block of B output rows as [K, B/2] bytes, byte i holding rows i (low
+    nibble) and i + B/2 (high); B depends on the kernel torch picked for this CPU (32 with AVX2, 64 with
+    AVX-512). ``Int4Weight.dequantize`` relies on the layout, so find B once per process (0: unknown)."""
+    global _ROW_BLOCK
+    if _ROW_BLOCK is None:
+        n = k = 128
+        codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        _ROW_BLOCK = 0
+        for block in (32, 64):
+            if tuple(packed.shape) == (n, k // 2) and torch.equal(_unpack(packed, n, k, block), codes.to(torch.uint8)):
+                _ROW_BLOCK = block
+                break
+    return _ROW_BLOCK
+
+
+def _unpack(packed: torch.Tensor, n: int, k: int, block: int | None = None) -> torch.Tensor:
+    """Codes [n, k] (uint8) from torch's CPU int4 pack (layout: see ``row_block``)."""
+    block = block or row_block()
+    p = packed.reshape(n // block, k, block // 2)
+    both = torch.stack([p & 0x0F, p >> 4], dim=2)  # [blocks, k, 2, B/2]: rows i and i + B/2
+    return both.reshape(n // block, k, block).transpose(1, 2).reshape(n, k)
+
+
+class Int4Weight:
+    """One [N, K] matrix in torch's int4 pack with bfloat16 (scale, zero) per 32 values.
+
+    Codes of up to 8 bits are split into two 4-bit planes laid side by side along K (code = 16*hi + lo),
+    and the input is repeated to match: the kernel reads 2K codes but every value stays exact."""
+
+    def __init__(self, codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, bits: int = 4):
+        self.shape = tuple(codes.shape)
+        self.planes = 1 if bits <= 4 else 2
+        # exact float32 step/offset for dequantizing (large batches); the kernel gets bfloat16 copies
+        self.step, self.offset = step.float().contiguous(), offset.float().contiguous()
+        self.shift = 0
+        if self.planes == 1:  # w = (c - 8) * step + (offset + 8 * step)
+            codes, scale, zero = codes, step, offset + 8 * step
+        else:
+            # hi plane (h - 8 + shift) * 16 step, lo plane (l - 8) * step + zero_lo; a 1-bit hi plane (5-bit
+            # codes) is shifted to codes 8-9 so zero_lo = offset + 8 step stays small, like an int4 zero:
+            # bfloat16 rounds a zero relative to its size, so a large one would cost accuracy
+            shift = self.shift = 8 if bits <= 5 else 0
+            codes = torch.cat([(codes >> 4) + shift, codes & 0x0F], dim=1)
+            scale = torch.cat([16 * step, step], dim=1)
+            zero = torch.cat([torch.zeros_like(offset), offset + (8 + 16 * (8 - shift)) * step], dim=1)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        self.scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+
+    @classmethod
+    def concat(cls, parts: list["Int4Weight"]) -> "Int4Weight":
+        """Row blocks stacked along N (torch's int4 layout is a sequence of 32-row blocks)."""
+        w = cls.__new__(cls)
+        w.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+        w.planes, w.shift = parts[0].planes, parts[0].shift
+        w.step = torch.cat([p.step for p in parts])
+        w.offset = torch.cat([p.offset for p in parts])
+        w.packed = torch.cat([p.packed for p in parts])
+        w.scales_zeros = torch.cat([p.scales_zeros for p in parts], dim=1)
+        return w
+
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight [N, K] as float32, exactly as GGUF decodes it (code * step + offset with the float32
+        step and offset, not the kernel's bfloat16 ones), into `out` if given."""
+        n, k = self.shape
+        kp = k * self.planes
+        codes = _unpack(self.packed, n, kp)
+        w = (out if out is not None else torch.empty(n * k, dtype=torch.float32)).view(n, k)
+        if self.planes == 1:
+            w.copy_(codes)
+        else:  # code = 16 * (hi - shift) + lo
+            w.copy_(codes[:, :k]).sub_(self.shift).mul_(16).add_(codes[:, k:])
+        w3 = w.view(n, k // GROUP, GROUP)
+        w3.mul_(self.step[..., None]).add_(self.offset[..., None])
+        return w
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flat(x)
+        if x2.shape[0] <= SMALL_BATCH:
+            xb = x2.to(torch.bfloat16)
+            if self.planes == 2:
+                xb = torch.cat([xb, xb], dim=1)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros)
+        else:
+            y = F.linear(x2.float(), self.dequantize(_buffer(self.shape[0] * self.shape[1])))
+        return y.to(x.dtype).reshape(*lead, self.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_zeros.nbytes + self.step.nbytes + self.offset.nbytes
+
+
+# ---------------------------------------------------------------------------------------------- int8
+
+
+class Int8Weight:
+    """One [N, K] matrix as int8 codes with one float scale per row (w ~ code * scale)."""
+
+    def __init__(self, w: torch.Tensor):
+        w = w.float()
+        amax = w.abs().amax(dim=1).clamp_min(1e-30)
+        self.scale = (amax / 127).to(torch.bfloat16).float()  # bf16: the kernel takes scales in x's dtype
+        self.codes = torch.round(w / self.scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.shape = tuple(w.shape)
+        self._scale_bf16 = self.scale.to(torch.bfloat16)
+
+    @classmethod
+    def concat(cls, parts: list["Int8Weight"]) -> "Int8Weight":
+        w = cls.__new__(cls)
+        w.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+        w.codes = torch.cat([p.codes for p in parts])
+        w.scale = torch.cat([p.scale for p in parts])
+        w._scale_bf16 = w.scale.to(torch.bfloat16)
+        return w
+
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        n, k = self.shape
+        w = (out if out is not None else torch.empty(n * k, dtype=torch.float32)).view(n, k)
+        return w.copy_(self.codes).mul_(self.scale[:, None])
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flat(x)
+        if x2.shape[0] <= SMALL_BATCH:
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.codes, self._scale_bf16)
+        else:
+            y = F.linear(x2.float(), self.dequantize(_buffer(self.shape[0] * self.shape[1])))
+        return y.to(x.dtype).reshape(*lead, self.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+BUILD_ROWS = 4096  # rows repacked at a time: bounds the temporaries (int32 codes) for a 202k-row output head
+
+
+def build(path: str, blocks: torch.Tensor, qtype, shape: tuple[int, int]):
+    """The repacked form of one [out, in] matrix given its GGUF blocks [out, row_bytes]."""
+    if path in ("int4", "int4x2"):
+        bits = CODE_BITS[formats.format_of(qtype).qtype]
+        parts = [Int4Weight(*affine_parts(blocks[i : i + BUILD_ROWS], qtype), bits=bits)
+                 for i in range(0, shape[0], BUILD_ROWS)]
+        return parts[0] if len(parts) == 1 else Int4Weight.concat(parts)
+    if path == "int8":
+        parts = [Int8Weight(formats.dequantize(blocks[i : i + BUILD_ROWS], qtype, (min(BUILD_ROWS, shape[0] - i), shape[1])))
+                 for i in range(0, shape[0], BUILD_ROWS)]
+        return parts[0] if len(parts) == 1 else Int8Weight.concat(parts)
+    raise ValueError(f"no repacked form for path {path!r}")
+
+
+def select_paths(model: torch.nn.Module, eager: bool = False, progress: bool = False) -> dict[str, int]:
+    """Give every quantized weight of `model` its path (repacked lazily on first use, or now if `eager`);
+    -> how many weights took each path. Does nothing while the fast paths are disabled."""
+    from .qtensor import QTensor
+
+    from ..model.layers import Embedding
+
+    # an embedding table only has rows looked up (take_rows): no matmul path, unless it is also the output
+    lookups_only = {id(m.weight) for m in model.modules() if isinstance(m, Embedding)}
+    matmul = {id(w) for m in model.modules() if not isinstance(m, Embedding) for w in vars(m).values()}
+    weights = [w for m in model.modules() for w in vars(m).values()
+               if isinstance(w, QTensor) and (id(w) not in lookups_only or id(w) in matmul)]
+    counts: dict[str, int] = {}
+    if not _enabled:
+        return counts
+    if eager and progress:
+        from tqdm import tqdm
+
+        weights = tqdm(weights, desc="repacking", unit="tensor", leave=False)
+    for w in weights:
+        path = w.use_fast_path()
+        counts[path] = counts.get(path, 0) + 1
+        if eager:
+            w.prepare()
+    return counts
+
+
+__all__ = ["PATHS", "SMALL_BATCH", "Int4Weight", "Int8Weight", "enabled", "set_enabled", "path_for",
+           "affine_parts", "build", "select_paths"]
