@@ -17,6 +17,16 @@ INT8 = ["Q6_K", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"]
 BF16_REL = 1e-2
 # int8 path: the above plus one int8 step per row (requantized)
 INT8_REL = 2.5e-2
+# vnni path: weight rows and input rows both rounded to int8 (half a step of each row's largest value)
+VNNI_REL = 2.5e-2
+
+
+@pytest.fixture(params=[False, True], ids=["avx2-paths", "vnni-path"])
+def vnni(request, monkeypatch):
+    """Run a test with the paths of a CPU without int8 dot products, then with the VNNI path (torch._int_mm
+    computes the same integers on any CPU, only its speed differs)."""
+    monkeypatch.setattr(kernels, "_VNNI", request.param)
+    return request.param
 
 
 def _qt(shape, q, seed=0):
@@ -37,7 +47,12 @@ def test_affine_parts_decode_exactly(q):
     assert torch.equal(decoded, w.dequantize())
 
 
-def test_path_selection():
+def test_path_selection(vnni):
+    if vnni:
+        for q in INT4 + INT4X2 + INT8:
+            assert kernels.path_for(q, (4, 48, 256)) == "vnni"  # any shape: rows are independent
+        assert kernels.path_for("IQ2_XXS", (64, 256)) == "dequant"
+        return
     for q in INT4:
         assert kernels.path_for(q, (64, 256)) == "int4"
     for q in INT4X2:
@@ -52,16 +67,16 @@ def test_path_selection():
 
 
 @pytest.mark.parametrize("q", INT4 + INT4X2 + INT8)
-def test_linear_matches_exact_dequantization(q):
+def test_linear_matches_exact_dequantization(q, vnni):
     w = _qt((64, 256), q)
     dense = w.dequantize()
     w.use_fast_path()
     small, big = torch.randn(3, 256), torch.randn(2, 10, 256)  # fused kernel / dequantize + GEMM
-    bound = INT8_REL if q in INT8 else BF16_REL
+    bound = VNNI_REL if vnni else INT8_REL if q in INT8 else BF16_REL
     assert _rel(w.linear(small), small @ dense.T) < bound
     y = w.linear(big)
     assert y.shape == (2, 10, 64) and y.dtype == torch.float32
-    if q in INT8:
+    if q in INT8 or vnni:
         assert _rel(y, big @ dense.T) < bound
     else:  # large batches expand the exact float32 values: the same result as the dense weight
         assert torch.equal(w._repacked(0).dequantize(), dense)
@@ -69,7 +84,7 @@ def test_linear_matches_exact_dequantization(q):
 
 
 @pytest.mark.parametrize("q", ["Q4_K", "Q8_0", "Q6_K"])
-def test_expert_stacks_repack_only_the_used_expert(q):
+def test_expert_stacks_repack_only_the_used_expert(q, vnni):
     w = _qt((4, 64, 256), q)
     dense = w.dequantize()
     w.use_fast_path()
@@ -81,12 +96,12 @@ def test_expert_stacks_repack_only_the_used_expert(q):
     assert sorted(w._fast) == [0, 1, 2, 3]
 
 
-def test_bfloat16_activations_keep_their_dtype():
+def test_bfloat16_activations_keep_their_dtype(vnni):
     w = _qt((64, 256), "Q4_0")
     w.use_fast_path()
     x = torch.randn(2, 256, dtype=torch.bfloat16)
     y = w.linear(x)
-    assert y.dtype == torch.bfloat16 and _rel(y, x.float() @ w.dequantize().T) < BF16_REL
+    assert y.dtype == torch.bfloat16 and _rel(y, x.float() @ w.dequantize().T) < (VNNI_REL if vnni else BF16_REL)
 
 
 def test_switching_off_restores_exact_decoding():
@@ -117,7 +132,50 @@ def tiny_gguf(quant_model, tmp_path_factory):
     return path
 
 
-def test_model_logits_with_fast_paths_on_and_off(tiny_gguf):
+def test_vnni_matches_integer_arithmetic():
+    """The vnni path is exactly: both operands rounded to int8 per row, an integer dot product, two scales."""
+    w = _qt((48, 256), "Q6_K")
+    vw = kernels.build("vnni", w.data, w.qtype, (48, 256))
+    dense = w.dequantize()
+    amax = dense.abs().amax(dim=1)
+    assert torch.equal(vw.codes, torch.round(dense * (127 / amax)[:, None]).to(torch.int8))
+    assert torch.equal(vw.scale, amax / 127)
+    assert int(vw.codes.abs().max()) == 127
+    x = torch.randn(5, 256)
+    xq, xs = kernels.quantize_rows(x)
+    assert torch.equal(xq, torch.round(x * (127 / x.abs().amax(dim=1))[:, None]).to(torch.int8))
+    want = (xq.long() @ vw.codes.long().T).double() * xs.double()[:, None] * vw.scale.double()
+    assert torch.allclose(vw.linear(x).double(), want, rtol=1e-6, atol=0)
+    # a weight taller than one _int_mm call is computed in row chunks with the same result
+    tall = _qt((3 * 64, 256), "Q8_0")
+    vt = kernels.build("vnni", tall.data, tall.qtype, (192, 256))
+    full = vt.linear(x)
+    try:
+        kernels.CHUNK_ROWS, saved = 64, kernels.CHUNK_ROWS
+        assert torch.equal(vt.linear(x), full)
+    finally:
+        kernels.CHUNK_ROWS = saved
+
+
+def test_shared_input_quantized_once(vnni):
+    """q/k/v (and gate/up) read one input: QTensor.linears gives the same results as separate calls."""
+    ws = [_qt((64, 256), q, seed=i) for i, q in enumerate(["Q4_K", "Q8_0", "Q6_K"])]
+    for w in ws:
+        w.use_fast_path()
+    x = torch.randn(2, 256)
+    together = QTensor.linears(x, ws)
+    for got, w in zip(together, ws):
+        assert torch.equal(got, w.linear(x))
+    stack = _qt((4, 64, 256), "Q4_K")
+    stack.use_fast_path()
+    pair = QTensor.linears(x, [stack, stack], expert=2)
+    assert torch.equal(pair[0], stack.expert_linear(x, 2)) and torch.equal(pair[1], pair[0])
+    with pytest.raises(IndexError):
+        QTensor.linears(x, [stack], expert=4)
+
+
+@pytest.mark.parametrize("vnni", [False, True], ids=["avx2-paths", "vnni-path"], indirect=True)
+def test_model_logits_with_fast_paths_on_and_off(tiny_gguf, vnni):
     import herd
 
     ids = torch.tensor([[5, 17, 99, 3]])
@@ -128,7 +186,7 @@ def test_model_logits_with_fast_paths_on_and_off(tiny_gguf):
         kernels.set_enabled(True)
     llm = herd.load(tiny_gguf)
     paths = {w._fast_path for m in llm.model.modules() for w in vars(m).values() if isinstance(w, QTensor)}
-    assert {"int4", "int4x2", "int8"} <= paths
+    assert paths - {None} == {"vnni"} if vnni else {"int4", "int4x2", "int8"} <= paths, paths  # None: embedding
     fast = llm.logits(ids)
     kld = torch.nn.functional.kl_div(fast.log_softmax(-1), exact.log_softmax(-1), log_target=True,
                                      reduction="none").sum(-1).mean().item()

@@ -236,6 +236,7 @@ def test_q8_0_gguf_runs_close_to_f32(small_model, small_hf, small_ref_logits, tm
 
 
 def test_q4_k_gguf_runs_close_to_f32(q4k_model, small_model, small_ref_logits, tmp_path):
+    from herd.quant import kernels
     from herd.weights.loader import iter_model_tensors
 
     llm, logits = _check_quantized(q4k_model, QType.Q4_K, small_ref_logits, 0.1, small_model[1])
@@ -243,7 +244,8 @@ def test_q4_k_gguf_runs_close_to_f32(q4k_model, small_model, small_ref_logits, t
     dense = {n: (v.dequantize() if hasattr(v, "qtype") else v) for n, v in iter_model_tensors(llm.model)}
     out = tmp_path / "decoded.gguf"
     write_gguf(out, llm.config, dense, llm.gguf, progress=False)
-    assert (herd.load(out).logits(SMALL_IDS) - logits).abs().max().item() <= 1e-5
+    with kernels.exact():  # block decoding, not the int8 kernels' rounding
+        assert (herd.load(out).logits(SMALL_IDS) - llm.logits(SMALL_IDS)).abs().max().item() <= 1e-5
 
 
 def test_rewriting_a_quantized_gguf_copies_its_blocks(q4k_model, tmp_path):

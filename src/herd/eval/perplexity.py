@@ -65,9 +65,12 @@ def first_scored(ctx: int) -> int:
 
 
 def scored_logprobs(llm, chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs [n, vocab] float32 at the scored positions, the tokens they predict [n]), on the CPU."""
+    """(log-probs [n, vocab] float32 at the scored positions, the tokens they predict [n]), on the CPU.
+    Quantized weights decode exactly here (no int8 kernel rounding): scores measure the format."""
+    from ..quant import kernels
+
     ids = torch.tensor([chunk], dtype=torch.long, device=llm.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), kernels.exact():
         logits = llm.model(ids)[0]
         first = first_scored(len(chunk))
         logp = torch.log_softmax(logits[first:-1].float(), dim=-1)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import Config
 from ..runtime.cache import LayerCache
-from .layers import Linear, apply_rope, rms_norm
+from .layers import Linear, apply_rope, linears, rms_norm
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
@@ -55,9 +55,10 @@ class Attention(nn.Module):
         contiguous_from_zero: bool = False,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        q, k, v = linears(x, [self.q_proj, self.k_proj, self.v_proj])
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        v = v.view(b, t, self.n_kv, self.head_dim)
         if self.use_rope:
             q, k = apply_rope(q, rot), apply_rope(k, rot)
         if self.qk_norm:

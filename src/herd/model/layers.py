@@ -27,6 +27,20 @@ def linear(x: torch.Tensor, weight: Any) -> torch.Tensor:
     return weight.linear(x)
 
 
+def linears(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
+    """[m(x) for m in modules]: matmuls that read one input (q/k/v, gate/up). When every module is a plain
+    ``Linear`` without hooks and their weights are quantized the same way, the weights may share work on
+    the input (see ``QTensor.linears``); otherwise each module is called, so hooks and adapters see it."""
+    weights = [getattr(m, "weight", None) for m in modules]
+    kind = type(weights[0])
+    plain = all(type(m) is Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+    global_hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    if plain and not global_hooks and not issubclass(kind, torch.Tensor) and hasattr(kind, "linears"):
+        if all(type(w) is kind for w in weights):
+            return kind.linears(x, weights)
+    return [m(x) for m in modules]
+
+
 def set_weight(module: nn.Module, name: str, value: Any) -> None:
     """Put a tensor or a quantized weight object in ``module.<name>``, replacing whatever was there."""
     module._parameters.pop(name, None)
@@ -94,7 +108,8 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = linears(x, [self.gate_proj, self.up_proj])
+        return self.down_proj(F.silu(g) * u)
 
 
 def rope_inv_freq(config: Config) -> torch.Tensor:

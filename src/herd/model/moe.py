@@ -24,6 +24,14 @@ def expert_linear(x: torch.Tensor, weight: Any, expert: int) -> torch.Tensor:
     return weight.expert_linear(x, expert)
 
 
+def expert_linears(x: torch.Tensor, weights: list[Any], expert: int) -> list[torch.Tensor]:
+    """[expert_linear(x, w, expert) for w in weights], sharing work on the input where the weights allow."""
+    kind = type(weights[0])
+    if not issubclass(kind, torch.Tensor) and hasattr(kind, "linears") and all(type(w) is kind for w in weights):
+        return kind.linears(x, weights, expert)
+    return [expert_linear(x, w, expert) for w in weights]
+
+
 class Experts(nn.Module):
     """Routed experts stored per projection as [E, out, in] (GGUF's layout)."""
 
@@ -35,13 +43,14 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate), requires_grad=False)
 
     def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        g = expert_linear(x, self.gate_proj, e)
-        u = expert_linear(x, self.up_proj, e)
-        return expert_linear(F.silu(g) * u, self.down_proj, e)
+        g, u = expert_linears(x, [self.gate_proj, self.up_proj], e)
+        return expert_linear(F.silu(g).mul_(u), self.down_proj, e)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """x [N, H]; expert_ids, scores [N, k] -> sum over k of Expert_e(score * x), [N, H]."""
         n, k = expert_ids.shape
+        if n * k == 1 and not self._training_weights():  # one token, top-1 (decoding): no grouping needed
+            return self.run_expert(int(expert_ids), x * scores)
         flat_ids = expert_ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()

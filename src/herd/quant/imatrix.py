@@ -195,6 +195,7 @@ def collect_imatrix(llm, token_chunks: list[list[int]], progress: bool = True, d
     from tqdm import tqdm
 
     from ..eval.perplexity import first_scored, token_nll
+    from . import kernels
 
     collector = _Collector(llm.model, process_output=process_output)
     nll, scored = 0.0, 0
@@ -202,7 +203,7 @@ def collect_imatrix(llm, token_chunks: list[list[int]], progress: bool = True, d
     try:
         for chunk in bar:
             ids = torch.tensor([chunk], dtype=torch.long, device=llm.device)
-            with torch.inference_mode():
+            with torch.inference_mode(), kernels.exact():  # the activations of the exact weights
                 logits = llm.model(ids)[0]
                 first = first_scored(len(chunk))
                 logp = torch.log_softmax(logits[first:-1].float(), dim=-1)

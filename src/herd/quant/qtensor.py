@@ -233,6 +233,20 @@ class QTensor:
         out_features = self.shape[1]
         return self._rows_linear(x, expert * out_features, out_features)
 
+    @staticmethod
+    def linears(x: torch.Tensor, weights: list["QTensor"], expert: int | None = None) -> list[torch.Tensor]:
+        """[x @ W.T for W in weights] (W = weight[expert] for expert stacks). Weights on the ``vnni`` path
+        share one quantization of x (q/k/v, gate/up read the same input)."""
+        from . import kernels
+
+        if expert is not None and not all(len(w.shape) == 3 and 0 <= expert < w.shape[0] for w in weights):
+            raise IndexError(f"expert {expert} out of range, or not an expert stack")
+        forms = [w._repacked(expert or 0) if w._fast_path else None for w in weights]
+        if len(forms) > 1 and all(isinstance(f, kernels.VnniWeight) for f in forms):
+            q = kernels.QuantizedInput(x)
+            return [f.linear(q) for f in forms]
+        return [w.linear(x) if expert is None else w.expert_linear(x, expert) for w in weights]
+
     def __repr__(self) -> str:
         return f"QTensor({self.format.name}, shape={list(self.shape)}, {self.nbytes:,} bytes, device={self.device})"
 
