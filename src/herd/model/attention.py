@@ -56,13 +56,16 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = linears(x, [self.q_proj, self.k_proj, self.v_proj])
-        q = q.view(b, t, self.n_heads, self.head_dim)
-        k = k.view(b, t, self.n_kv, self.head_dim)
-        v = v.view(b, t, self.n_kv, self.head_dim)
-        if self.use_rope:
-            q, k = apply_rope(q, rot), apply_rope(k, rot)
-        if self.qk_norm:
-            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
+        v = v.reshape(b, t, self.n_kv, self.head_dim)
+        if self.use_rope:  # q and k heads rotated (and normed) together: the same per-head ops, half the calls
+            qk = torch.cat([q.reshape(b, t, self.n_heads, self.head_dim), k.reshape(b, t, self.n_kv, self.head_dim)], 2)
+            qk = apply_rope(qk, rot)
+            if self.qk_norm:
+                qk = rms_norm(qk, self.eps)
+            q, k = qk.split([self.n_heads, self.n_kv], dim=2)
+        else:
+            q = q.reshape(b, t, self.n_heads, self.head_dim)
+            k = k.reshape(b, t, self.n_kv, self.head_dim)
         if self.temperature:
             scales = temperature_scales(positions, self.floor_scale, self.attn_scale)
             q = (q * scales[:, :, None, None]).to(q.dtype)

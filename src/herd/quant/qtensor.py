@@ -64,6 +64,7 @@ class QTensor:
         self._fast_path: str | None = None  # set by kernels.select_paths at load; None = decode blocks
         self._fast: dict[int, object] = {}  # expert (0 for a 2-D weight) -> repacked form, built on first use
         self._fast_lock = threading.Lock()
+        self._fused: dict[tuple, object] = {}  # (ids of weights read with this one, expert) -> fused form
 
     @classmethod
     def quantize(cls, x: torch.Tensor, qtype, importance: torch.Tensor | None = None) -> "QTensor":
@@ -176,6 +177,7 @@ class QTensor:
                     out = self.shape[-2]
                     blocks = self.data[expert * out : (expert + 1) * out]
                     fast = self._fast[expert] = kernels.build(self._fast_path, blocks, self.qtype, self.shape[-2:])
+                    kernels.release_pages(blocks)  # the repacked copy serves matmuls from now on
         return fast
 
     def prepare(self) -> None:
@@ -235,16 +237,23 @@ class QTensor:
 
     @staticmethod
     def linears(x: torch.Tensor, weights: list["QTensor"], expert: int | None = None) -> list[torch.Tensor]:
-        """[x @ W.T for W in weights] (W = weight[expert] for expert stacks). Weights on the ``vnni`` path
-        share one quantization of x (q/k/v, gate/up read the same input)."""
+        """[x @ W.T for W in weights] (W = weight[expert] for expert stacks). Weights on the ``vnni`` path run
+        as one fused matmul (their rows share one int8 matrix; see ``VnniWeight.fuse``) on one quantized x."""
         from . import kernels
 
         if expert is not None and not all(len(w.shape) == 3 and 0 <= expert < w.shape[0] for w in weights):
             raise IndexError(f"expert {expert} out of range, or not an expert stack")
-        forms = [w._repacked(expert or 0) if w._fast_path else None for w in weights]
+        e = expert or 0
+        forms = [w._repacked(e) if w._fast_path else None for w in weights]
         if len(forms) > 1 and all(isinstance(f, kernels.VnniWeight) for f in forms):
-            q = kernels.QuantizedInput(x)
-            return [f.linear(q) for f in forms]
+            key = (tuple(id(w) for w in weights), e)
+            fused = weights[0]._fused.get(key)
+            if fused is None:
+                with weights[0]._fast_lock:
+                    fused = weights[0]._fused.get(key)
+                    if fused is None:
+                        fused = weights[0]._fused[key] = kernels.VnniWeight.fuse(forms)
+            return list(fused.linear(x).split([f.shape[0] for f in forms], dim=-1))
         return [w.linear(x) if expert is None else w.expert_linear(x, expert) for w in weights]
 
     def __repr__(self) -> str:
