@@ -191,3 +191,53 @@ def test_model_logits_with_fast_paths_on_and_off(tiny_gguf, vnni):
     kld = torch.nn.functional.kl_div(fast.log_softmax(-1), exact.log_softmax(-1), log_target=True,
                                      reduction="none").sum(-1).mean().item()
     assert kld < 1e-3 and (fast.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.75
+
+
+# ---------------------------------------------------------------------------------------------- dense bf16
+
+needs_bf16_dot = pytest.mark.skipif(not kernels.has_bf16_dot(), reason="CPU without AVX512-BF16/AMX: the "
+                                    "oneDNN bf16 layout is not used there (select_paths leaves bf16 weights alone)")
+
+
+@needs_bf16_dot
+def test_packed_bf16_is_bit_identical_to_linear():
+    from herd.model.layers import Linear, linears
+
+    g = torch.Generator().manual_seed(0)
+    mods = []
+    for out in (64, 16, 16):
+        m = Linear(128, out)
+        m.weight.data = (0.05 * torch.randn(out, 128, generator=g)).bfloat16()
+        mods.append(m)
+    x = torch.randn(3, 5, 128, generator=g).bfloat16()
+    want = [torch.nn.functional.linear(x, m.weight) for m in mods]
+    wrapper = torch.nn.ModuleList(mods)
+    counts = kernels.select_paths(wrapper)
+    assert counts == {"onednn-bf16": 3}
+    assert all(torch.equal(m(x), w) for m, w in zip(mods, want))
+    assert all(torch.equal(a, b) for a, b in zip(linears(x, mods), want))  # one fused call
+    assert all(torch.equal(a, b) for a, b in zip(linears(x[0, :1], mods), [w[0, :1] for w in want]))
+    with kernels.exact():  # switched off: plain F.linear
+        assert all(torch.equal(m(x), w) for m, w in zip(mods, want))
+    f32 = x.float()  # other dtypes are not this path's: F.linear decides (and rejects the mix)
+    with pytest.raises(RuntimeError):
+        mods[0](f32)
+
+
+@needs_bf16_dot
+def test_bf16_model_logits_identical_with_packing(quant_model):
+    import herd
+
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    with kernels.exact():
+        want = herd.load(quant_model, dtype="bf16")
+        with torch.inference_mode():
+            cache = want.model.new_cache(1)
+            want_steps = [want.model(ids[:, :4], cache=cache)] + [want.model(ids[:, i:i + 1], cache=cache) for i in (4, 5)]
+    llm = herd.load(quant_model, dtype="bf16")  # select_paths packs every dense bf16 matmul weight
+    assert any("_packed" in vars(m) for m in llm.model.modules())
+    with torch.inference_mode():
+        cache = llm.model.new_cache(1)
+        got_steps = [llm.model(ids[:, :4], cache=cache)] + [llm.model(ids[:, i:i + 1], cache=cache) for i in (4, 5)]
+    for a, b in zip(got_steps, want_steps):
+        assert torch.equal(a, b)

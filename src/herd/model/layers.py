@@ -35,6 +35,12 @@ def linears(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
     kind = type(weights[0])
     plain = all(type(m) is Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
     global_hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    if plain and not global_hooks:  # dense weights laid out for a faster kernel (quant.kernels.PackedBF16)
+        packs = [m.__dict__.get("_packed", {}).get("weight") for m in modules]
+        if all(p is not None for p in packs):
+            ys = type(packs[0]).linears(x, packs)
+            if ys is not None:
+                return ys
     if plain and not global_hooks and not issubclass(kind, torch.Tensor) and hasattr(kind, "linears"):
         if all(type(w) is kind for w in weights):
             return kind.linears(x, weights)
@@ -62,6 +68,11 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.__dict__.get("_packed")  # a dense weight laid out for a faster kernel (quant.kernels)
+        if packed is not None:
+            y = packed["weight"].linear(x)
+            if y is not None:
+                return y
         return linear(x, self.weight)
 
     def extra_repr(self) -> str:

@@ -43,6 +43,11 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate), requires_grad=False)
 
     def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        packed = self.__dict__.get("_packed")  # dense stacks laid out for a faster kernel (quant.kernels)
+        if packed is not None and len(packed) == 3:
+            gu = type(packed["gate_proj"]).linears(x, [packed["gate_proj"], packed["up_proj"]], e)
+            if gu is not None:
+                return packed["down_proj"].linear(F.silu(gu[0]).mul_(gu[1]), e)
         g, u = expert_linears(x, [self.gate_proj, self.up_proj], e)
         return expert_linear(F.silu(g).mul_(u), self.down_proj, e)
 
@@ -96,7 +101,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (expert ids [N, k], scores [N, k] in x's dtype, router logits [N, E])."""
-        logits = linear(x, self.weight)
+        packed = self.__dict__.get("_packed")  # a dense weight laid out for a faster kernel (quant.kernels)
+        logits = packed["weight"].linear(x) if packed is not None else None
+        if logits is None:
+            logits = linear(x, self.weight)
         top_vals, top_ids = torch.topk(logits, self.top_k, dim=-1)
         scores = torch.sigmoid(top_vals.float()).to(x.dtype)
         return top_ids, scores, logits
