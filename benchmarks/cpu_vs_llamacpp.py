@@ -270,8 +270,7 @@ def main() -> None:
     for kind in ("BF16", "Q8_0", "Q4_K_M", "lowbit"):
         if kind not in args.only:
             continue
-        extra = ("--dtype", "f32") if kind == "BF16" else ()
-        r = results[kind] = herd_bench(files[kind], args, "--vs-llamacpp", *extra)
+        r = results[kind] = herd_bench(files[kind], args, "--vs-llamacpp")
         lines.append(row(f"{kind} ({files[kind].stat().st_size / 2**20:.0f} MiB)", r["herd"], r.get("llama.cpp", {"error": "-"})))
         print(lines[-1], file=sys.stderr)
     print(f"\n-p {args.n_prompt} -n {args.n_gen} -t {args.threads}\n\n{head}\n" + "\n".join(lines))

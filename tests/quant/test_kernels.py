@@ -235,7 +235,9 @@ def test_bf16_model_logits_identical_with_packing(quant_model):
             cache = want.model.new_cache(1)
             want_steps = [want.model(ids[:, :4], cache=cache)] + [want.model(ids[:, i:i + 1], cache=cache) for i in (4, 5)]
     llm = herd.load(quant_model, dtype="bf16")  # select_paths packs every dense bf16 matmul weight
+    kernels.select_paths(llm.model, eager=True)  # and lays them out now, fused groups included
     assert any("_packed" in vars(m) for m in llm.model.modules())
+    assert any(vars(p).get("_fused") for m in llm.model.modules() for p in vars(m).get("_packed", {}).values())
     with torch.inference_mode():
         cache = llm.model.new_cache(1)
         got_steps = [llm.model(ids[:, :4], cache=cache)] + [llm.model(ids[:, i:i + 1], cache=cache) for i in (4, 5)]

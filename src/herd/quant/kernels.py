@@ -445,6 +445,15 @@ class PackedBF16:
         if not _enabled or x.dtype != torch.bfloat16 or x.device.type != "cpu" \
                 or any(p.weight.requires_grad for p in packs):
             return None
+        fused = PackedBF16.fused_form(packs, expert)
+        y = torch.ops.mkldnn._linear_pointwise(x, fused._packed[0], None, "none", [], "")
+        return list(y.split(fused.sizes, dim=-1))
+
+    @staticmethod
+    def fused_form(packs: list["PackedBF16"], expert: int = 0) -> "PackedBF16":
+        """The packed matrix of the parts' rows stacked (expert `expert` of stacks), built on first use; it
+        replaces the parts' own packed matrices."""
+        first = packs[0]
         key = (tuple(id(p) for p in packs), expert)
         fused = first.__dict__.setdefault("_fused", {}).get(key)
         if fused is None:
@@ -459,8 +468,39 @@ class PackedBF16:
                     for p in packs:
                         p._packed.pop(expert, None)
                     first._fused[key] = fused
-        y = torch.ops.mkldnn._linear_pointwise(x, fused._packed[0], None, "none", [], "")
-        return list(y.split(fused.sizes, dim=-1))
+        return fused
+
+
+def shared_input_groups(model: torch.nn.Module):
+    """(module, names, expert) for every set of matmul weights that always read one input: q/k/v of an
+    attention, gate/up of a SwiGLU, gate/up of each routed expert (transformers' Llama 4 names)."""
+    for m in model.modules():
+        if all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj")):
+            yield m, ("q_proj", "k_proj", "v_proj"), None
+        elif hasattr(m, "gate_proj") and hasattr(m, "up_proj"):
+            if isinstance(m.gate_proj, torch.nn.Module):
+                yield m, ("gate_proj", "up_proj"), None
+            else:  # expert stacks [E, out, in]
+                for e in range(m.gate_proj.shape[0]):
+                    yield m, ("gate_proj", "up_proj"), e
+
+
+def prepare_fused(model: torch.nn.Module) -> None:
+    """Build now the fused forms ``layers.linears`` would build on first use (so that work is load time)."""
+    from .qtensor import QTensor
+
+    for m, names, expert in shared_input_groups(model):
+        parts = [getattr(m, n) for n in names]
+        if expert is None:  # Linear modules
+            packs = [p.__dict__.get("_packed", {}).get("weight") for p in parts]
+            weights = [p.weight for p in parts]
+        else:
+            packs = [m.__dict__.get("_packed", {}).get(n) for n in names]
+            weights = parts
+        if all(p is not None for p in packs):
+            PackedBF16.fused_form(packs, expert or 0)
+        elif all(isinstance(w, QTensor) for w in weights):
+            QTensor.fused_form(weights, expert or 0)
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -554,11 +594,8 @@ def select_paths(model: torch.nn.Module, eager: bool = False, progress: bool = F
             for name, w in list(m._parameters.items()):
                 if w is not None and w.dtype == torch.bfloat16 and w.dim() in (2, 3) and w.device.type == "cpu" \
                         and not w.requires_grad and (w.dim() == 3 or name == "weight"):
-                    packs = m.__dict__.setdefault("_packed", {})
-                    packs[name] = PackedBF16(w)
+                    m.__dict__.setdefault("_packed", {})[name] = PackedBF16(w)
                     counts["onednn-bf16"] = counts.get("onednn-bf16", 0) + 1
-                    if eager:
-                        packs[name].prepare()
     if eager and progress:
         from tqdm import tqdm
 
@@ -568,7 +605,16 @@ def select_paths(model: torch.nn.Module, eager: bool = False, progress: bool = F
         counts[path] = counts.get(path, 0) + 1
         if eager:
             w.prepare()
+    if eager:  # fused groups first, then every packed weight that is not part of one
+        prepare_fused(model)
+        grouped_modules = {id(getattr(m, n)) for m, names, e in shared_input_groups(model) if e is None for n in names}
+        for m in model.modules():
+            for name, pack in m.__dict__.get("_packed", {}).items():
+                grouped = name in ("gate_proj", "up_proj") and "down_proj" in m.__dict__.get("_packed", {})
+                grouped |= name == "weight" and id(m) in grouped_modules
+                if not grouped:
+                    pack.prepare()
     return counts
 
-__all__ = ["PATHS", "SMALL_BATCH", "Int4Weight", "Int8Weight", "VnniWeight", "QuantizedInput", "has_int8_dot", "quantize_rows", "exact", "release_pages", "PackedBF16", "has_bf16_dot", "enabled", "set_enabled", "path_for",
+__all__ = ["PATHS", "SMALL_BATCH", "Int4Weight", "Int8Weight", "VnniWeight", "QuantizedInput", "has_int8_dot", "quantize_rows", "exact", "release_pages", "PackedBF16", "has_bf16_dot", "prepare_fused", "shared_input_groups", "enabled", "set_enabled", "path_for",
            "affine_parts", "build", "select_paths"]

@@ -243,18 +243,30 @@ class QTensor:
 
         if expert is not None and not all(len(w.shape) == 3 and 0 <= expert < w.shape[0] for w in weights):
             raise IndexError(f"expert {expert} out of range, or not an expert stack")
-        e = expert or 0
-        forms = [w._repacked(e) if w._fast_path else None for w in weights]
-        if len(forms) > 1 and all(isinstance(f, kernels.VnniWeight) for f in forms):
-            key = (tuple(id(w) for w in weights), e)
-            fused = weights[0]._fused.get(key)
-            if fused is None:
-                with weights[0]._fast_lock:
-                    fused = weights[0]._fused.get(key)
-                    if fused is None:
-                        fused = weights[0]._fused[key] = kernels.VnniWeight.fuse(forms)
-            return list(fused.linear(x).split([f.shape[0] for f in forms], dim=-1))
+        fused = QTensor.fused_form(weights, expert or 0)
+        if fused is not None:
+            return list(fused.linear(x).split(fused.sizes, dim=-1))
         return [w.linear(x) if expert is None else w.expert_linear(x, expert) for w in weights]
+
+    @staticmethod
+    def fused_form(weights: list["QTensor"], expert: int = 0):
+        """The one ``VnniWeight`` holding the rows of `weights` (expert `expert` of stacks), built on first
+        use; None unless every weight is on the ``vnni`` path."""
+        from . import kernels
+
+        forms = [w._repacked(expert) if w._fast_path else None for w in weights]
+        if len(forms) < 2 or not all(isinstance(f, kernels.VnniWeight) for f in forms):
+            return None
+        key = (tuple(id(w) for w in weights), expert)
+        fused = weights[0]._fused.get(key)
+        if fused is None:
+            with weights[0]._fast_lock:
+                fused = weights[0]._fused.get(key)
+                if fused is None:
+                    fused = kernels.VnniWeight.fuse(forms)
+                    fused.sizes = [f.shape[0] for f in forms]
+                    weights[0]._fused[key] = fused
+        return fused
 
     def __repr__(self) -> str:
         return f"QTensor({self.format.name}, shape={list(self.shape)}, {self.nbytes:,} bytes, device={self.device})"
