@@ -243,3 +243,19 @@ def test_bf16_model_logits_identical_with_packing(quant_model):
         got_steps = [llm.model(ids[:, :4], cache=cache)] + [llm.model(ids[:, i:i + 1], cache=cache) for i in (4, 5)]
     for a, b in zip(got_steps, want_steps):
         assert torch.equal(a, b)
+
+
+def test_tall_vnni_weight_is_prepacked_for_onednn(monkeypatch):
+    """An output-head-sized matrix (>= PREPACK_ROWS rows) runs oneDNN's int8 linear on a layout made once;
+    its input is quantized per tensor, so one row gives the same integers as the per-row path."""
+    monkeypatch.setattr(kernels, "_VNNI", True)
+    w = _qt((kernels.PREPACK_ROWS, 256), "Q6_K")
+    w.use_fast_path()
+    form = w._repacked(0)
+    assert form._qpacked is not None and form.codes is None
+    dense = w.dequantize()
+    x = torch.randn(1, 256)
+    plain = kernels.VnniWeight(dense)  # the per-row path on the same matrix
+    assert torch.allclose(w.linear(x), plain.linear(x), rtol=1e-4, atol=1e-6)
+    xs = torch.randn(3, 256)
+    assert _rel(w.linear(xs), xs @ dense.T) < VNNI_REL

@@ -255,7 +255,7 @@ class QTensor:
         from . import kernels
 
         forms = [w._repacked(expert) if w._fast_path else None for w in weights]
-        if len(forms) < 2 or not all(isinstance(f, kernels.VnniWeight) for f in forms):
+        if len(forms) < 2 or not all(isinstance(f, kernels.VnniWeight) and f._qpacked is None for f in forms):
             return None
         key = (tuple(id(w) for w in weights), expert)
         fused = weights[0]._fused.get(key)

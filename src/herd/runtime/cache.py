@@ -53,20 +53,31 @@ class LayerCache:
         self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (keys, values, key positions) to attend over — the stored ones followed by the new ones —
-        then store the new ones. k, v: [B, Hkv, T, D]; positions: [B, T]."""
+        then store the new ones. k, v: [B, Hkv, T, D]; positions: [B, T].
+
+        One new token (decoding) is stored first and the stored slots are returned as they are, without
+        copying the cache: the slot it may overwrite in a ring holds a key of an earlier chunk, which the
+        mask hides from this query anyway. Several tokens could overwrite keys that an earlier query of the
+        same step still needs, so they are attended to before being stored."""
+        if k.shape[2] == 1:
+            self._store(k, v, positions)
+            return self.k, self.v, self.pos
         keys = torch.cat([self.k, k], dim=2)
         values = torch.cat([self.v, v], dim=2)
         key_pos = torch.cat([self.pos, positions], dim=1)
         if self.limit is not None and k.shape[2] > self.limit:
             # Only the last `limit` new tokens can still be needed by later queries.
             k, v, positions = k[:, :, -self.limit :], v[:, :, -self.limit :], positions[:, -self.limit :]
+        self._store(k, v, positions)
+        return keys, values, key_pos
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         self._grow(int(positions.max()) + 1)
         slots = positions % self.limit if self.limit is not None else positions
         idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         self.k.scatter_(2, idx, k.to(self.k.dtype))
         self.v.scatter_(2, idx, v.to(self.v.dtype))
         self.pos.scatter_(1, slots, positions)
-        return keys, values, key_pos
 
     def reset_rows(self, rows: torch.Tensor | list[int]) -> None:
         self.pos[rows] = -1
