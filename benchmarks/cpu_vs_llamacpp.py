@@ -1,7 +1,7 @@
 """CPU speed, herd vs llama.cpp (and vs transformers): the bench model of the CPU-speed issue as BF16, Q8_0,
 Q4_K_M and a low-bit mix, each run by `herd bench --vs-llamacpp` (every engine in its own process).
 
-    python benchmarks/cpu_vs_llamacpp.py [--dir /work/bench] [-p 256] [-n 64] [-t THREADS] [--only NAME ...]
+    python benchmarks/cpu_vs_llamacpp.py [--dir /work/bench] [-p 256] [-n 64] [-t THREADS] [-r 3] [--only NAME ...]
 
 Bench model: random Llama 4, hidden 1024, 8 layers (all MoE), 16 experts of width 1024, top-1, 8/2 heads,
 head_dim 128, vocab 202,048 (863M parameters, ~278M read per decoded token). The bf16 checkpoint is made
@@ -142,7 +142,7 @@ def ensure_files(d: Path, only: list[str]) -> dict[str, Path]:
 
 def herd_bench(model: Path, args, *extra: str) -> dict:
     argv = [sys.executable, "-m", "herd.cli.main", "bench", "-m", str(model), "-p", str(args.n_prompt),
-            "-n", str(args.n_gen), "-t", str(args.threads), "--json", *extra]
+            "-n", str(args.n_gen), "-t", str(args.threads), "-r", str(args.repeat), "--json", *extra]
     r = subprocess.run(argv, capture_output=True, text=True)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if not lines:
@@ -249,6 +249,7 @@ def main() -> None:
     ap.add_argument("-p", "--n-prompt", type=int, default=256)
     ap.add_argument("-n", "--n-gen", type=int, default=64)
     ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("-r", "--repeat", type=int, default=3, help="runs per engine, alternating; best kept")
     ap.add_argument("--only", nargs="*", default=["BF16", "Q8_0", "Q4_K_M", "lowbit", "transformers"])
     ap.add_argument("--kld", type=Path, metavar="TEXT", help="instead: the fast paths' added error on the demo model")
     ap.add_argument("--kld-tokens", type=int, default=256)
@@ -275,9 +276,14 @@ def main() -> None:
         print(lines[-1], file=sys.stderr)
     print(f"\n-p {args.n_prompt} -n {args.n_gen} -t {args.threads}\n\n{head}\n" + "\n".join(lines))
     if "transformers" in args.only:
-        hf = {"transformers bf16": transformers_bench(files["hf"], args),
-              "herd bf16": herd_bench(files["hf"], args, "--dtype", "bf16")["herd"],
-              "herd f32": herd_bench(files["hf"], args, "--dtype", "f32")["herd"]}
+        from herd.cli.bench import best_of
+
+        runs: dict[str, list[dict]] = {"transformers bf16": [], "herd bf16": [], "herd f32": []}
+        for _ in range(args.repeat):  # alternating, best of each kept (as herd bench -r does)
+            runs["transformers bf16"].append(transformers_bench(files["hf"], args))
+            runs["herd bf16"].append(herd_bench(files["hf"], args, "--dtype", "bf16", "-r", "1")["herd"])
+            runs["herd f32"].append(herd_bench(files["hf"], args, "--dtype", "f32", "-r", "1")["herd"])
+        hf = {name: best_of(r) for name, r in runs.items()}
         base = hf["transformers bf16"]
         print("\n| engine (bf16 checkpoint) | prefill tok/s | decode tok/s | peak RSS MiB | decode vs transformers |\n"
               "|---|---|---|---|---|")
