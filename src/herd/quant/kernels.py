@@ -280,6 +280,15 @@ class Int4Weight:
 # ---------------------------------------------------------------------------------------------- int8
 
 
+def _rows_stacked(cls, parts):
+    """A new `cls` whose codes and per-row scales are those of `parts`, one after the other."""
+    w = cls.__new__(cls)
+    w.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+    w.codes = torch.cat([p.codes for p in parts])
+    w.scale = torch.cat([p.scale for p in parts])
+    return w
+
+
 class Int8Weight:
     """One [N, K] matrix as int8 codes with one float scale per row (w ~ code * scale)."""
 
@@ -293,10 +302,7 @@ class Int8Weight:
 
     @classmethod
     def concat(cls, parts: list["Int8Weight"]) -> "Int8Weight":
-        w = cls.__new__(cls)
-        w.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
-        w.codes = torch.cat([p.codes for p in parts])
-        w.scale = torch.cat([p.scale for p in parts])
+        w = _rows_stacked(cls, parts)
         w._scale_bf16 = w.scale.to(torch.bfloat16)
         return w
 
@@ -359,10 +365,7 @@ class VnniWeight:
     @classmethod
     def concat(cls, parts: list["VnniWeight"]) -> "VnniWeight":
         """Rows of `parts` stacked into one matrix."""
-        w = cls.__new__(cls)
-        w.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
-        w.codes = torch.cat([p.codes for p in parts])
-        w.scale = torch.cat([p.scale for p in parts])
+        w = _rows_stacked(cls, parts)
         w._codes_t = w.codes.t()
         return w
 
