@@ -259,3 +259,14 @@ def test_tall_vnni_weight_is_prepacked_for_onednn(monkeypatch):
     assert torch.allclose(w.linear(x), plain.linear(x), rtol=1e-4, atol=1e-6)
     xs = torch.randn(3, 256)
     assert _rel(w.linear(xs), xs @ dense.T) < VNNI_REL
+
+
+def test_compact_mode_keeps_4_bit_types_4_bit(monkeypatch):
+    """HERD_FAST_KERNELS=int4: on a VNNI CPU, 4-bit affine types keep torch's int4 pack (half the memory of
+    int8); every other type still takes the VNNI path."""
+    monkeypatch.setattr(kernels, "_VNNI", True)
+    monkeypatch.setattr(kernels, "_prefer_int4", True)
+    for q in INT4:
+        assert kernels.path_for(q, (64, 256)) == "int4"
+    for q in INT4X2 + INT8:
+        assert kernels.path_for(q, (64, 256)) == "vnni"
