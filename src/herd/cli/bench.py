@@ -3,7 +3,8 @@
     herd bench -m MODEL [-p 256] [-n 64] [-t THREADS] [--vs-llamacpp] [-r REPEAT]
 
 Each engine runs in its own process (so each peak RSS is its own) on the same random prompt of -p tokens,
-then decodes -n tokens greedily, one at a time, with its KV cache. llama.cpp runs through llama-cpp-python
+then decodes -n tokens greedily, one at a time, with its KV cache; as llama-bench does, each first runs the
+prompt and two decode steps untimed (warmup), then starts again from an empty cache. llama.cpp runs through llama-cpp-python
 (the `llamacpp` extra) with the same thread count; only a .gguf can be compared. With -r the engines run
 that many times, alternating, and each engine's best is reported (shared machines are noisy).
 """
@@ -83,6 +84,10 @@ def _run_herd(args) -> dict:
     model = llm.model
     ids = _prompt(args.n_prompt, llm.config.vocab_size, llm.config.bos_token_id)
     with torch.inference_mode():
+        cache = model.new_cache(1)  # warmup, untimed (as llama-bench): kernels set up for these shapes
+        token = int(model(torch.tensor([ids]), cache=cache, last_only=True)[0, -1].argmax())
+        for _ in range(2):
+            token = int(model(torch.tensor([[token]]), cache=cache, last_only=True)[0, -1].argmax())
         cache = model.new_cache(1)
         t0 = time.perf_counter()
         logits = model(torch.tensor([ids]), cache=cache, last_only=True)[0, -1]
@@ -108,12 +113,16 @@ def _run_llamacpp(args) -> dict:
                           n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     load_s = time.perf_counter() - t0
     ids = _prompt(args.n_prompt, ref.n_vocab(), ref.token_bos())
-    t0 = time.perf_counter()
     n_vocab = ref.n_vocab()
 
     def last_argmax() -> int:  # without logits_all only the last position's logits exist (no copy of them all)
         return int(np.argmax(np.ctypeslib.as_array(ref._ctx.get_logits(), shape=(n_vocab,))))
 
+    ref.eval(ids)  # warmup, untimed (as llama-bench), then the same from an empty cache
+    for _ in range(2):
+        ref.eval([last_argmax()])
+    ref.reset()
+    t0 = time.perf_counter()
     ref.eval(ids)
     prefill_s = time.perf_counter() - t0
     token = last_argmax()
