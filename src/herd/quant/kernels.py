@@ -30,10 +30,17 @@ stacks, so a decode step repacks and reads only the experts it selects) and the 
 * ``dequant`` — every other type (and any weight whose shape the kernels do not take): QTensor's own
   slab decoding into a reusable float32 buffer.
 
-Both kernels are compute-bound on an AVX2 CPU once a batch has more than a few rows, so above
-``SMALL_BATCH`` rows (prefill) the repacked weight is expanded into a reusable float32 buffer and
-multiplied with the BLAS GEMM instead (cheap: codes are already unpacked, no block decoding).
-Switch every fast path off with ``HERD_FAST_KERNELS=0`` (or ``set_enabled(False)``).
+The int4 and int8 kernels are compute-bound on an AVX2 CPU once a batch has more than a few rows, so above
+``SMALL_BATCH`` rows (prefill) those repacked weights are expanded into a reusable float32 buffer and
+multiplied with the BLAS GEMM instead (cheap: codes are already unpacked, no block decoding); ``vnni`` runs
+``_int_mm`` at every batch size, and matrices of ``PREPACK_ROWS`` rows or more (output heads) go through
+oneDNN's prepacked int8 linear instead.
+
+Dense bfloat16 weights (not quantized) get ``PackedBF16`` on CPUs with bf16 dot products: oneDNN's own
+layout, made once, bit-identical results. Weights that always read one input (q/k/v, gate/up) are fused
+into one matrix on both the ``vnni`` and the bf16 path (``layers.linears``, ``prepare_fused``).
+
+Switch every fast path off with ``HERD_FAST_KERNELS=0`` (or ``set_enabled(False)``, or ``with exact():``).
 """
 
 from __future__ import annotations
