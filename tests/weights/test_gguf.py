@@ -505,3 +505,25 @@ def test_fuzzed_headers_raise_only_herd_errors(small_model, tmp_path):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         check()
+
+
+def test_float_tensors_are_copy_on_write_views_of_the_file(gguf_model, tmp_path):
+    """F32/F16/BF16 tensors are mapped, not read: nothing is copied until written, and a write stays private
+    (the file, and a second reader of it, keep the stored values)."""
+    import shutil
+
+    path = tmp_path / "copy.gguf"
+    shutil.copy(gguf_model[1], path)
+    before = path.read_bytes()
+    reader = GGUFFile(path)
+    tensors = dict(reader.canonical_tensors())
+    norm = tensors["model.norm.weight"]
+    t = next(t for t in reader.tensors.values() if t.name == "output_norm.weight")
+    mapping = reader._cow_maps[t.part]
+    start = mapping.ctypes.data
+    assert start <= norm.data_ptr() < start + mapping.size  # inside the file's mapping: not a copy
+    stored = norm.clone()
+    norm.add_(1.0)  # writable
+    assert torch.equal(dict(GGUFFile(path).canonical_tensors())["model.norm.weight"], stored)
+    assert path.read_bytes() == before and t.nbytes == stored.numel() * 4
+    assert torch.equal(reader.read_float(t), stored)  # the file itself is untouched

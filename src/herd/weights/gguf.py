@@ -564,6 +564,18 @@ class GGUFFile:
                     raise FormatError(f"{t.part}: tensor {t.name}: short read")
         return out
 
+    def map_float(self, t: GGUFTensor) -> torch.Tensor:
+        """An F32/F16/BF16 tensor as a copy-on-write view of the file (no read now, no copy unless written):
+        pages come in as the model uses them and can be dropped again (kernels.release_pages); a write makes
+        a private copy of that page and never reaches the file."""
+        maps = self.__dict__.setdefault("_cow_maps", {})
+        if t.part not in maps:
+            maps[t.part] = np.memmap(t.part, dtype=np.uint8, mode="c")
+        raw = maps[t.part][t.offset : t.offset + t.nbytes]
+        if raw.size != t.nbytes:
+            raise FormatError(f"{t.part}: tensor {t.name}: short read")
+        return torch.from_numpy(raw).view(FLOAT_TYPES[t.type_id]).reshape(t.canonical_shape)
+
     def canonical_tensors(self, dtype: torch.dtype | None = None, device="cpu"):
         """(canonical name, torch tensor or QTensor) for every model tensor, in file order."""
         from ..quant.qtensor import QTensor
@@ -573,8 +585,13 @@ class GGUFFile:
             if name is None:
                 continue  # rope_freqs (read into the config) and anything unknown to llama4
             if t.type_id in FLOAT_TYPES:
-                tensor = self.read_float(t)
-                yield name, tensor.to(dtype) if dtype is not None else tensor
+                stored = FLOAT_TYPES[t.type_id]
+                aligned = t.offset % torch.empty(0, dtype=stored).element_size() == 0
+                if (dtype is None or dtype == stored) and aligned and t.nbytes:
+                    yield name, self.map_float(t)
+                else:
+                    tensor = self.read_float(t)
+                    yield name, tensor.to(dtype) if dtype is not None else tensor
             else:
                 q = QTensor(t.data, t.type_id, t.canonical_shape)
                 yield name, q.to(device) if torch.device(device).type != "cpu" else q
