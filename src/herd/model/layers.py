@@ -27,23 +27,30 @@ def linear(x: torch.Tensor, weight: Any) -> torch.Tensor:
     return weight.linear(x)
 
 
+def packed_linear(module: nn.Module, x: torch.Tensor, name: str = "weight") -> torch.Tensor | None:
+    """``x @ W.T`` through the faster layout a kernel set up for ``module.<name>`` (quant.kernels.PackedBF16),
+    or None where there is none or it does not apply (then the caller multiplies the weight itself)."""
+    pack = module.__dict__.get("_packed", {}).get(name)
+    return pack.linear(x) if pack is not None else None
+
+
 def linears(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
     """[m(x) for m in modules]: matmuls that read one input (q/k/v, gate/up). When every module is a plain
-    ``Linear`` without hooks and their weights are quantized the same way, the weights may share work on
-    the input (see ``QTensor.linears``); otherwise each module is called, so hooks and adapters see it."""
-    weights = [getattr(m, "weight", None) for m in modules]
-    kind = type(weights[0])
+    ``Linear`` without hooks, their weights may run as one matmul (a packed dense layout, see
+    ``PackedBF16.linears``, or quantized weights of one kind, see ``QTensor.linears``); otherwise each module
+    is called, so hooks and adapters see it."""
     plain = all(type(m) is Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
-    global_hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-    if plain and not global_hooks:  # dense weights laid out for a faster kernel (quant.kernels.PackedBF16)
-        packs = [m.__dict__.get("_packed", {}).get("weight") for m in modules]
-        if all(p is not None for p in packs):
-            ys = type(packs[0]).linears(x, packs)
-            if ys is not None:
-                return ys
-    if plain and not global_hooks and not issubclass(kind, torch.Tensor) and hasattr(kind, "linears"):
-        if all(type(w) is kind for w in weights):
-            return kind.linears(x, weights)
+    if not plain or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return [m(x) for m in modules]
+    packs = [m.__dict__.get("_packed", {}).get("weight") for m in modules]
+    if all(p is not None for p in packs):
+        ys = type(packs[0]).linears(x, packs)
+        if ys is not None:
+            return ys
+    weights = [m.weight for m in modules]
+    kind = type(weights[0])
+    if not issubclass(kind, torch.Tensor) and hasattr(kind, "linears") and all(type(w) is kind for w in weights):
+        return kind.linears(x, weights)
     return [m(x) for m in modules]
 
 
@@ -68,12 +75,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.__dict__.get("_packed")  # a dense weight laid out for a faster kernel (quant.kernels)
-        if packed is not None:
-            y = packed["weight"].linear(x)
-            if y is not None:
-                return y
-        return linear(x, self.weight)
+        y = packed_linear(self, x)
+        return y if y is not None else linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight={type(self.weight).__name__}"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from .layers import Linear, SwiGLU, linear
+from .layers import Linear, SwiGLU, linear, packed_linear
 
 
 def expert_linear(x: torch.Tensor, weight: Any, expert: int) -> torch.Tensor:
@@ -101,8 +101,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (expert ids [N, k], scores [N, k] in x's dtype, router logits [N, E])."""
-        packed = self.__dict__.get("_packed")  # a dense weight laid out for a faster kernel (quant.kernels)
-        logits = packed["weight"].linear(x) if packed is not None else None
+        logits = packed_linear(self, x)
         if logits is None:
             logits = linear(x, self.weight)
         top_vals, top_ids = torch.topk(logits, self.top_k, dim=-1)

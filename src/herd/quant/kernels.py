@@ -101,6 +101,8 @@ def has_bf16_dot() -> bool:
         _BF16 = (("avx512_bf16" in flags or "amx_bf16" in flags) and torch.backends.mkldnn.is_available()
                  and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
     return _BF16
+
+
 _scratch = threading.local()
 
 
@@ -471,8 +473,13 @@ class PackedBF16:
                     release_pages(w)  # a memory-mapped (GGUF) weight's pages: the packed copy serves matmuls
         return packed
 
+    @staticmethod
+    def _applies(x: torch.Tensor, packs: list["PackedBF16"]) -> bool:
+        return _enabled and x.dtype == torch.bfloat16 and x.device.type == "cpu" \
+            and not any(p.weight.requires_grad for p in packs)
+
     def linear(self, x: torch.Tensor, expert: int = 0) -> torch.Tensor | None:
-        if not _enabled or x.dtype != torch.bfloat16 or self.weight.requires_grad or x.device.type != "cpu":
+        if not self._applies(x, [self]):
             return None
         return torch.ops.mkldnn._linear_pointwise(x, self._matrix(expert), None, "none", [], "")
 
@@ -485,9 +492,7 @@ class PackedBF16:
         """[p.linear(x, expert) for p in packs] as one matmul over the weights' rows stacked (q/k/v, gate/up:
         one input; fewer, larger calls run closer to the memory bandwidth). The stacked layout is built on
         first use and replaces the parts' own. None where ``linear`` would be."""
-        first = packs[0]
-        if not _enabled or x.dtype != torch.bfloat16 or x.device.type != "cpu" \
-                or any(p.weight.requires_grad for p in packs):
+        if not PackedBF16._applies(x, packs):
             return None
         fused = PackedBF16.fused_form(packs, expert)
         y = torch.ops.mkldnn._linear_pointwise(x, fused._packed[0], None, "none", [], "")
@@ -610,10 +615,9 @@ def build(path: str, blocks: torch.Tensor, qtype, shape: tuple[int, int]):
         w.maybe_prepack()
         return w
     if path == "int8":
-        kind = Int8Weight
-        parts = [kind(formats.dequantize(blocks[i : i + BUILD_ROWS], qtype, (min(BUILD_ROWS, shape[0] - i), shape[1])))
+        parts = [Int8Weight(formats.dequantize(blocks[i : i + BUILD_ROWS], qtype, (min(BUILD_ROWS, shape[0] - i), shape[1])))
                  for i in range(0, shape[0], BUILD_ROWS)]
-        return parts[0] if len(parts) == 1 else kind.concat(parts)
+        return parts[0] if len(parts) == 1 else Int8Weight.concat(parts)
     raise ValueError(f"no repacked form for path {path!r}")
 
 
@@ -639,7 +643,9 @@ def select_paths(model: torch.nn.Module, eager: bool = False, progress: bool = F
             for name, w in list(m._parameters.items()):
                 if w is not None and w.dtype == torch.bfloat16 and w.dim() in (2, 3) and w.device.type == "cpu" \
                         and not w.requires_grad and (w.dim() == 3 or name == "weight"):
-                    m.__dict__.setdefault("_packed", {})[name] = PackedBF16(w)
+                    packs = m.__dict__.setdefault("_packed", {})
+                    if name not in packs or packs[name].weight is not w:  # a second call keeps what is built
+                        packs[name] = PackedBF16(w)
                     counts["onednn-bf16"] = counts.get("onednn-bf16", 0) + 1
     if eager and progress:
         from tqdm import tqdm
@@ -652,12 +658,12 @@ def select_paths(model: torch.nn.Module, eager: bool = False, progress: bool = F
             w.prepare()
     if eager:  # fused groups first, then every packed weight that is not part of one
         prepare_fused(model)
-        grouped_modules = {id(getattr(m, n)) for m, names, e in shared_input_groups(model) if e is None for n in names}
+        fused = set()  # (id of the module holding the pack, parameter name) of every fused part
+        for m, names, expert in shared_input_groups(model):
+            fused.update((id(m), n) if expert is not None else (id(getattr(m, n)), "weight") for n in names)
         for m in model.modules():
             for name, pack in m.__dict__.get("_packed", {}).items():
-                grouped = name in ("gate_proj", "up_proj") and "down_proj" in m.__dict__.get("_packed", {})
-                grouped |= name == "weight" and id(m) in grouped_modules
-                if not grouped:
+                if (id(m), name) not in fused:
                     pack.prepare()
     return counts
 

@@ -585,13 +585,9 @@ class GGUFFile:
             if name is None:
                 continue  # rope_freqs (read into the config) and anything unknown to llama4
             if t.type_id in FLOAT_TYPES:
-                stored = FLOAT_TYPES[t.type_id]
-                aligned = t.offset % torch.empty(0, dtype=stored).element_size() == 0
-                if (dtype is None or dtype == stored) and aligned and t.nbytes:
-                    yield name, self.map_float(t)
-                else:
-                    tensor = self.read_float(t)
-                    yield name, tensor.to(dtype) if dtype is not None else tensor
+                mappable = t.nbytes and t.offset % FLOAT_TYPES[t.type_id].itemsize == 0
+                tensor = self.map_float(t) if mappable else self.read_float(t)
+                yield name, tensor.to(dtype) if dtype is not None else tensor  # a cast copies; same dtype: the view
             else:
                 q = QTensor(t.data, t.type_id, t.canonical_shape)
                 yield name, q.to(device) if torch.device(device).type != "cpu" else q
