@@ -76,6 +76,7 @@ def _run_herd(args) -> dict:
 
     torch.set_num_threads(args.threads)
     from herd.quant.kernels import select_paths
+    from herd.runtime.sampling import greedy
 
     t0 = time.perf_counter()
     llm = herd.load(args.model, dtype=args.dtype)
@@ -85,17 +86,17 @@ def _run_herd(args) -> dict:
     ids = _prompt(args.n_prompt, llm.config.vocab_size, llm.config.bos_token_id)
     with torch.inference_mode():
         cache = model.new_cache(1)  # warmup, untimed (as llama-bench): kernels set up for these shapes
-        token = int(model(torch.tensor([ids]), cache=cache, last_only=True)[0, -1].argmax())
+        token = greedy(model(torch.tensor([ids]), cache=cache, last_only=True)[0, -1])
         for _ in range(2):
-            token = int(model(torch.tensor([[token]]), cache=cache, last_only=True)[0, -1].argmax())
+            token = greedy(model(torch.tensor([[token]]), cache=cache, last_only=True)[0, -1])
         cache = model.new_cache(1)
         t0 = time.perf_counter()
         logits = model(torch.tensor([ids]), cache=cache, last_only=True)[0, -1]
         prefill_s = time.perf_counter() - t0
-        token = int(logits.argmax())
+        token = greedy(logits)
         t0 = time.perf_counter()
         for _ in range(args.n_gen):
-            token = int(model(torch.tensor([[token]]), cache=cache, last_only=True)[0, -1].argmax())
+            token = greedy(model(torch.tensor([[token]]), cache=cache, last_only=True)[0, -1])
         decode_s = time.perf_counter() - t0
     return {"load_s": load_s, "prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": args.n_gen / decode_s,
             "peak_rss_mib": _peak_mib()}

@@ -81,7 +81,8 @@ class Attention(nn.Module):
         if plain_causal:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         else:
-            mask = attention_mask(positions, key_pos, self.chunk)
+            mask = (cache.shared_mask(positions, key_pos, self.chunk, attention_mask) if cache is not None
+                    else attention_mask(positions, key_pos, self.chunk))
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads, scale=1 / math.sqrt(self.head_dim)
             )

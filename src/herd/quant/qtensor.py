@@ -257,11 +257,14 @@ class QTensor:
         use; None unless every weight is on the ``vnni`` path."""
         from . import kernels
 
+        key = (tuple(id(w) for w in weights), expert)
+        fused = weights[0]._fused.get(key)
+        if fused is not None and kernels.enabled() and all(w._fast_path == "vnni" for w in weights):
+            # built before: the parts' repacked forms need not be looked up again (once per layer per step)
+            return fused
         forms = [w._repacked(expert) if w._fast_path else None for w in weights]
         if len(forms) < 2 or not all(isinstance(f, kernels.VnniWeight) and f._qpacked is None for f in forms):
             return None
-        key = (tuple(id(w) for w in weights), expert)
-        fused = weights[0]._fused.get(key)
         if fused is None:
             with weights[0]._fast_lock:
                 fused = weights[0]._fused.get(key)
