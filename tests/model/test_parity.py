@@ -85,16 +85,17 @@ def test_only_selected_experts_run(models):
     assert len({e for e, _ in seen}) == len(seen)  # each selected expert runs once
 
 
-def test_cached_decoding_equals_full_forward(models):
-    """Prefill, then one token at a time and several at a time, across several chunk boundaries, batch 2."""
+@pytest.mark.parametrize("batch", [2, 1])  # one row stores by slot copies, several by scatter
+def test_cached_decoding_equals_full_forward(models, batch):
+    """Prefill, then one token at a time and several at a time, across several chunk boundaries."""
     for name in CONFIGS:
         _, llm = models[name]
         model = llm.model
         length = 4 * CHUNK + 3
-        ids = torch.randint(0, llm.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(7))
+        ids = torch.randint(0, llm.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(7))
         with torch.no_grad():
             full = model(ids)
-            cache = model.new_cache(2)
+            cache = model.new_cache(batch)
             pieces = [model(ids[:, :5], cache=cache)]  # prefill
             pos = 5
             steps = [1, 1, 3, 1, 9, 1, 2]  # one token, several tokens, a block crossing a boundary
