@@ -294,11 +294,12 @@ class Int4Weight:
 # ---------------------------------------------------------------------------------------------- int8
 
 
-def _rows_stacked(cls, parts):
-    """A new `cls` whose codes and per-row scales are those of `parts`, one after the other."""
+def _rows_stacked(cls, parts, codes=None):
+    """A new `cls` whose codes and per-row scales are those of `parts`, one after the other (`codes`: the
+    parts' codes where they are not plain ``p.codes``)."""
     w = cls.__new__(cls)
     w.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
-    w.codes = torch.cat([p.codes for p in parts])
+    w.codes = torch.cat(codes if codes is not None else [p.codes for p in parts])
     w.scale = torch.cat([p.scale for p in parts])
     return w
 
@@ -368,8 +369,9 @@ class QuantizedInput:
 
 
 class VnniWeight:
-    """One [N, K] matrix as int8 codes with one float32 scale per row, multiplied by ``torch._int_mm``
-    against int8-quantized input rows."""
+    """One [N, K] matrix as int8 codes with one float32 scale per row, multiplied against int8-quantized
+    input rows by ``torch._int_mm``, fbgemm's int8 linear (``use_fbgemm``) or, for output heads, oneDNN's
+    (``maybe_prepack``)."""
 
     _qpacked = None  # oneDNN's own layout of the codes, for very tall matrices (see maybe_prepack)
     _fbgemm = None  # fbgemm's packed form of the codes (see use_fbgemm)
@@ -394,10 +396,7 @@ class VnniWeight:
     @classmethod
     def concat(cls, parts: list["VnniWeight"]) -> "VnniWeight":
         """Rows of `parts` stacked into one matrix."""
-        w = cls.__new__(cls)
-        w.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
-        w.codes = torch.cat([p.plain_codes() for p in parts])
-        w.scale = torch.cat([p.scale for p in parts])
+        w = _rows_stacked(cls, parts, [p.plain_codes() for p in parts])
         w._codes_t = w.codes.t()
         return w
 
@@ -448,17 +447,13 @@ class VnniWeight:
             self._fbgemm = torch.ops.quantized.linear_prepack(q, None)
         self.codes = self._codes_t = None
 
-    def _linear_fbgemm(self, x: torch.Tensor) -> torch.Tensor:
-        x2, lead = _flat(x)
-        xf = x2 if x2.dtype == torch.float32 else x2.float()
+    def _linear_fbgemm(self, xf: torch.Tensor) -> torch.Tensor:
+        """[M, K] float32 -> [M, N] float32."""
         if xf.shape[0] == 1:
-            y = torch.ops.quantized.linear_dynamic(xf, self._fbgemm, False)
-        else:  # rows scaled to max |x| = 1 first: one quantization step per row's own range, as per-row int8
-            amax = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)
-            y = torch.ops.quantized.linear_dynamic(xf / amax, self._fbgemm, False).mul_(amax)
-        if x.dtype != torch.float32:
-            y = y.to(x.dtype)
-        return y.view(*lead, self.shape[0])
+            return torch.ops.quantized.linear_dynamic(xf, self._fbgemm, False)
+        # rows scaled to max |x| = 1 first: one quantization step per row's own range, as per-row int8
+        amax = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)
+        return torch.ops.quantized.linear_dynamic(xf / amax, self._fbgemm, False).mul_(amax)
 
     def maybe_prepack(self) -> None:
         """For a matrix of at least PREPACK_ROWS rows (an output head) on a CPU with VNNI, lay the codes out
@@ -473,16 +468,12 @@ class VnniWeight:
         self._zeros = torch.zeros(self.shape[0], dtype=torch.long)
         self.codes = self._codes_t = None
 
-    def _linear_prepacked(self, x: torch.Tensor) -> torch.Tensor:
-        x2, lead = _flat(x)
-        xf = x2 if x2.dtype == torch.float32 else x2.float()
+    def _linear_prepacked(self, xf: torch.Tensor) -> torch.Tensor:
+        """[M, K] float32 -> [M, N] float32."""
         scale = torch.linalg.vector_norm(xf, float("inf")).clamp_min_(1e-30).div_(127.0)  # one scale: per tensor
         xq = torch.round(xf / scale).add_(128).to(torch.uint8)  # uint8 with zero point 128: codes -127..127
-        y = torch.ops.onednn.qlinear_pointwise.tensor(xq, scale, _ZP128, self._qpacked, self.scale, self._zeros,
-                                                      None, 1.0, 0, torch.float32, "none", [], "")
-        if x.dtype != torch.float32:
-            y = y.to(x.dtype)
-        return y.view(*lead, self.shape[0])
+        return torch.ops.onednn.qlinear_pointwise.tensor(xq, scale, _ZP128, self._qpacked, self.scale, self._zeros,
+                                                         None, 1.0, 0, torch.float32, "none", [], "")
 
     def linear(self, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
         if self._qpacked is not None or self._fbgemm is not None or self._part_of is not None:
@@ -491,7 +482,10 @@ class VnniWeight:
             if self._part_of is not None:
                 fused, start = self._part_of
                 return fused.linear(x)[..., start : start + self.shape[0]]
-            return self._linear_fbgemm(x) if self._fbgemm is not None else self._linear_prepacked(x)
+            x2, lead = _flat(x)  # both packed ops take float32 rows and quantize them themselves
+            xf = x2 if x2.dtype == torch.float32 else x2.float()
+            y = self._linear_fbgemm(xf) if self._fbgemm is not None else self._linear_prepacked(xf)
+            return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*lead, self.shape[0])
         q = x if isinstance(x, QuantizedInput) else QuantizedInput(x)
         n = self.shape[0]
         if n <= CHUNK_ROWS:

@@ -150,12 +150,12 @@ class QTensor:
     def take_rows(self, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """Rows `ids` (any shape) of a 2-D weight, decoded: an embedding lookup that touches only those rows."""
         flat = ids.reshape(-1).to(self.data.device)
-        if flat.numel() <= 8:  # a decode step: decoding a repeated row twice is cheaper than torch.unique
-            rows = formats.dequantize(self.data[flat], self.qtype, (flat.numel(), self.shape[-1]))
-            return rows.reshape(*ids.shape, self.shape[-1]).to(dtype)
-        uniq, inverse = torch.unique(flat, return_inverse=True)
+        # a decode step (few ids): decoding a repeated row twice is cheaper than torch.unique
+        uniq, inverse = (flat, None) if flat.numel() <= 8 else torch.unique(flat, return_inverse=True)
         rows = formats.dequantize(self.data[uniq], self.qtype, (uniq.numel(), self.shape[-1]))
-        return rows[inverse].reshape(*ids.shape, self.shape[-1]).to(dtype)
+        if inverse is not None:
+            rows = rows[inverse]
+        return rows.reshape(*ids.shape, self.shape[-1]).to(dtype)
 
     # ------------------------------------------------------------------ fast paths (see kernels.py)
     def use_fast_path(self) -> str:
