@@ -2,6 +2,7 @@
 Q4_K_M and a low-bit mix, each run by `herd bench --vs-llamacpp` (every engine in its own process).
 
     python benchmarks/cpu_vs_llamacpp.py [--dir /work/bench] [-p 256] [-n 64] [-t THREADS] [-r 3] [--only NAME ...]
+                                         [--compile]
 
 Bench model: random Llama 4, hidden 1024, 8 layers (all MoE), 16 experts of width 1024, top-1, 8/2 heads,
 head_dim 128, vocab 202,048 (863M parameters, ~278M read per decoded token). The bf16 checkpoint is made
@@ -143,6 +144,8 @@ def ensure_files(d: Path, only: list[str]) -> dict[str, Path]:
 def herd_bench(model: Path, args, *extra: str) -> dict:
     argv = [sys.executable, "-m", "herd.cli.main", "bench", "-m", str(model), "-p", str(args.n_prompt),
             "-n", str(args.n_gen), "-t", str(args.threads), "-r", str(args.repeat), "--json", *extra]
+    if args.compile:
+        argv.append("--compile")
     r = subprocess.run(argv, capture_output=True, text=True)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if not lines:
@@ -251,6 +254,7 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("-r", "--repeat", type=int, default=3, help="runs per engine, alternating; best kept")
     ap.add_argument("--only", nargs="*", default=["BF16", "Q8_0", "Q4_K_M", "lowbit", "transformers"])
+    ap.add_argument("--compile", action="store_true", help="herd decodes through its compiled step (herd bench --compile)")
     ap.add_argument("--kld", type=Path, metavar="TEXT", help="instead: the fast paths' added error on the demo model")
     ap.add_argument("--kld-tokens", type=int, default=256)
     ap.add_argument("--transformers-child", help=argparse.SUPPRESS)
@@ -274,7 +278,8 @@ def main() -> None:
         r = results[kind] = herd_bench(files[kind], args, "--vs-llamacpp")
         lines.append(row(f"{kind} ({files[kind].stat().st_size / 2**20:.0f} MiB)", r["herd"], r.get("llama.cpp", {"error": "-"})))
         print(lines[-1], file=sys.stderr)
-    print(f"\n-p {args.n_prompt} -n {args.n_gen} -t {args.threads}\n\n{head}\n" + "\n".join(lines))
+    compiled = " (herd: --compile)" if args.compile else ""
+    print(f"\n-p {args.n_prompt} -n {args.n_gen} -t {args.threads}{compiled}\n\n{head}\n" + "\n".join(lines))
     if "transformers" in args.only:
         from herd.cli.bench import best_of
 

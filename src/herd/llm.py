@@ -58,6 +58,14 @@ class LLM:
         self.generation_defaults = generation_defaults or {}
         self.last_stats = None
 
+    def compile(self) -> "LLM":
+        """Run one-token decode steps as one compiled graph (``herd.runtime.compiled``): ~1.1-1.2x faster
+        decoding on a CPU, after a compile of tens of seconds on the first step (cached on disk after)."""
+        from .runtime.compiled import compile_decode
+
+        compile_decode(self.model)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.model.model.norm.weight.device

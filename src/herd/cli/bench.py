@@ -48,6 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
     p.add_argument("--dtype", default=None, help="herd compute dtype for unquantized weights (default as stored)")
     p.add_argument("--vs-llamacpp", action="store_true", help="also run llama.cpp on the same GGUF")
+    p.add_argument("--compile", action="store_true",
+                   help="herd decodes through one compiled graph per step (compiled in the untimed warmup)")
     p.add_argument("-r", "--repeat", type=int, default=1,
                    help="run each engine this many times, alternating, and keep each one's best (default 1)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -82,13 +84,17 @@ def _run_herd(args) -> dict:
     llm = herd.load(args.model, dtype=args.dtype)
     select_paths(llm.model, eager=True)  # repack every quantized weight now: load time, not prefill time
     load_s = time.perf_counter() - t0
+    if args.compile:
+        llm.compile()
     model = llm.model
     ids = _prompt(args.n_prompt, llm.config.vocab_size, llm.config.bos_token_id)
     with torch.inference_mode():
         cache = model.new_cache(1)  # warmup, untimed (as llama-bench): kernels set up for these shapes
         token = greedy(model(torch.tensor([ids]), cache=cache, last_only=True)[0, -1])
-        for _ in range(2):
+        t_warm = time.perf_counter()
+        for _ in range(2):  # with --compile, the first of these compiles the step
             token = greedy(model(torch.tensor([[token]]), cache=cache, last_only=True)[0, -1])
+        warm_s = time.perf_counter() - t_warm
         cache = model.new_cache(1)
         t0 = time.perf_counter()
         logits = model(torch.tensor([ids]), cache=cache, last_only=True)[0, -1]
@@ -98,8 +104,11 @@ def _run_herd(args) -> dict:
         for _ in range(args.n_gen):
             token = greedy(model(torch.tensor([[token]]), cache=cache, last_only=True)[0, -1])
         decode_s = time.perf_counter() - t0
-    return {"load_s": load_s, "prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": args.n_gen / decode_s,
-            "peak_rss_mib": _peak_mib()}
+    out = {"load_s": load_s, "prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": args.n_gen / decode_s,
+           "peak_rss_mib": _peak_mib()}
+    if args.compile:
+        out["compile_s"] = warm_s
+    return out
 
 
 def _run_llamacpp(args) -> dict:
@@ -142,6 +151,8 @@ def _child(engine: str, args) -> dict:
             "-p", str(args.n_prompt), "-n", str(args.n_gen), "-t", str(args.threads)]
     if args.dtype:
         argv += ["--dtype", args.dtype]
+    if args.compile and engine == "herd":
+        argv.append("--compile")
     r = subprocess.run(argv, capture_output=True, text=True)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if r.returncode != 0 or not lines:
@@ -193,8 +204,11 @@ def best_of(runs: list[dict]) -> dict:
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return runs[-1]
-    return {"prefill_tok_s": max(r["prefill_tok_s"] for r in ok), "decode_tok_s": max(r["decode_tok_s"] for r in ok),
+    best = {"prefill_tok_s": max(r["prefill_tok_s"] for r in ok), "decode_tok_s": max(r["decode_tok_s"] for r in ok),
             "load_s": min(r["load_s"] for r in ok), "peak_rss_mib": max(r["peak_rss_mib"] for r in ok), "runs": len(ok)}
+    if all("compile_s" in r for r in ok):
+        best["compile_s"] = min(r["compile_s"] for r in ok)
+    return best
 
 
 def table(results: dict, args) -> str:
@@ -204,8 +218,11 @@ def table(results: dict, args) -> str:
     head = f"| {Path(str(args.model)).name}, -p {args.n_prompt} -n {args.n_gen} -t {args.threads} | " + " | ".join(engines)
     ratio = len(engines) == 2
     lines = [head + (" | herd / llama.cpp |" if ratio else " |"), "|---" * (len(engines) + 1 + ratio) + "|"]
+    if any("compile_s" in results[e] for e in engines):
+        rows.append(("compile s (first step)", "compile_s", "{:.2f}"))
     for label, key, fmt in rows:
-        vals = [results[e][key] for e in engines]
-        cells = " | ".join(fmt.format(v) for v in vals)
-        lines.append(f"| {label} | {cells} |" + (f" {vals[0] / vals[1]:.2f}x |" if ratio else ""))
+        vals = [results[e].get(key) for e in engines]
+        cells = " | ".join("-" if v is None else fmt.format(v) for v in vals)
+        both = ratio and None not in vals
+        lines.append(f"| {label} | {cells} |" + (f" {vals[0] / vals[1]:.2f}x |" if both else " - |" if ratio else ""))
     return "\n".join(lines)

@@ -11,6 +11,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--dtype", default=None, help="f32 | bf16 | f16 (default: as stored)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context window in tokens (default: min(model, 8192))")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through one compiled graph per step (faster; compiles on the first step; HERD_COMPILE=1)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +36,12 @@ def load_model(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return herd.load(args.model or "demo", dtype=args.dtype)
+    from herd.runtime import compiled
+
+    llm = herd.load(args.model or "demo", dtype=args.dtype)
+    if getattr(args, "compile", False) or compiled.wanted():
+        llm.compile()
+    return llm
 
 
 def sampling_params(llm, args: argparse.Namespace):

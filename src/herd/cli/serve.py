@@ -17,6 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alias", default=None, help="model name reported by /v1/models")
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="one-row decode steps through one compiled graph (faster; compiles on the first; HERD_COMPILE=1)")
     p.set_defaults(func=run)
 
 
@@ -32,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
         raise HerdError("--parallel must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from herd.runtime import compiled
+
     llm = herd.load(args.model or "demo", dtype=args.dtype)
+    if args.compile or compiled.wanted():
+        llm.compile()
     name = args.alias or (args.model or "demo")
     app = create_app(llm, model_name=name, api_key=args.api_key, parallel=args.parallel, ctx=args.ctx_size)
     print(f"herd: serving {name} on http://{args.host}:{args.port}/v1 (parallel {args.parallel})", file=sys.stderr)

@@ -88,11 +88,19 @@ class Embedding(nn.Module):
     def __init__(self, num_embeddings: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
+        self.compute_dtype: torch.dtype | None = None  # rows of a quantized table decode to this (float32 if None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the looked-up rows: the activations' (and the KV cache's) dtype."""
+        if isinstance(self.weight, torch.Tensor):
+            return self.weight.dtype
+        return self.compute_dtype or torch.float32
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.weight, torch.Tensor):
             return F.embedding(ids, self.weight)
-        return self.weight.take_rows(ids)
+        return self.weight.take_rows(ids, dtype=self.dtype)
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:

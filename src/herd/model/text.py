@@ -66,6 +66,9 @@ class Llama4TextModel(nn.Module):
 
         With a cache, positions continue each row's sequence and the cache advances by T.
         """
+        step = self.__dict__.get("_decode_step")  # a compiled one-token step (herd.runtime.compiled), if attached
+        if step is not None and step.covers(input_ids, cache, positions, inputs_embeds):
+            return step(input_ids, cache)
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
         fresh = cache is None or bool((cache.seq_lens == 0).all())
@@ -88,5 +91,5 @@ class Llama4TextModel(nn.Module):
         return self.lm_head(self.model.norm(x))
 
     def new_cache(self, batch: int = 1) -> KVCache:
-        w = self.model.embed_tokens.weight
-        return KVCache(self.config, batch, dtype=w.dtype, device=w.device)
+        embed = self.model.embed_tokens
+        return KVCache(self.config, batch, dtype=embed.dtype, device=embed.weight.device)

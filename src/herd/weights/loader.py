@@ -86,6 +86,8 @@ class ModelAssembler:
         embed = self.model.model.embed_tokens
         if isinstance(embed.weight, torch.Tensor) and embed.weight.device.type == "meta":
             raise MissingTensorError(f"{self.source}: missing tensor model.embed_tokens.weight")
+        if not isinstance(embed.weight, torch.Tensor):
+            embed.compute_dtype = self.dtype  # a quantized table's rows come out in the dense weights' dtype
         return self.model.eval()
 
 

@@ -1,0 +1,327 @@
+"""One compiled graph per decode step (batch 1, one new token), with the matmuls left to herd's kernels.
+
+At one token per step the matmuls are a fraction of the time: each layer also runs ~60 small eager ops
+(norms, RoPE, masks, KV stores, residuals, routing), each costing microseconds of dispatch. ``torch.compile``
+fuses those into a few generated C++ loops. The matmuls stay opaque to the compiler: every weight, dense or
+quantized, runs through the same code as in eager mode (``layers.linears``, ``Experts.run_expert``), called
+from the graph as a custom op that names the module by a number. Inductor thus never sees the weights (it
+cannot lower oneDNN's prepacked ones), and the routed expert is picked inside the op from the router's
+output, so the graph does not depend on which expert a token chose.
+
+Off by default; ``compile_decode(model)`` (``herd run/serve/bench --compile``, ``HERD_COMPILE=1``) turns it
+on. Steps it does not cover (several rows or tokens, hooks, adapters, training) run eagerly as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import types
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.layers import Linear, linear, linears
+
+_CALLS: dict[int, Callable[..., Any]] = {}  # handle -> what the custom ops run eagerly
+_OUT: dict[int, list[int]] = {}  # handle -> output widths (for the ops' shapes while tracing)
+
+
+def _register(fn: Callable[..., Any], widths: list[int]) -> int:
+    handle = len(_CALLS)
+    _CALLS[handle] = fn
+    _OUT[handle] = widths
+    return handle
+
+
+# Declared with torch.library.Library rather than torch.library.custom_op: the latter's Python wrapper
+# (alias checks, autograd plumbing) cost ~100 us per call, more than the ops it saves.
+_LIB = torch.library.Library("herd", "DEF")
+_LIB.define("matmuls(Tensor x, int handle) -> Tensor")
+_LIB.define("expert(Tensor x, Tensor expert_ids, int handle) -> Tensor")
+
+
+def _matmuls(x: torch.Tensor, handle: int) -> torch.Tensor:
+    """The outputs of one or more matmuls reading x, side by side in the last dimension (the graph splits
+    them: an op's outputs may not be views of each other)."""
+    return _CALLS[handle](x)
+
+
+def _expert(x: torch.Tensor, expert_ids: torch.Tensor, handle: int) -> torch.Tensor:
+    return _CALLS[handle](x, int(expert_ids.reshape(-1)[0]))
+
+
+_LIB.impl("matmuls", _matmuls, "CPU")
+_LIB.impl("expert", _expert, "CPU")
+
+
+@torch.library.register_fake("herd::matmuls")
+def _(x, handle):
+    return x.new_empty(*x.shape[:-1], sum(_OUT[handle]))
+
+
+@torch.library.register_fake("herd::expert")
+def _(x, expert_ids, handle):
+    return x.new_empty(*x.shape[:-1], _OUT[handle][0])
+
+
+def _mm(x: torch.Tensor, handle: int) -> list[torch.Tensor]:
+    return list(torch.ops.herd.matmuls(x, handle).split(_OUT[handle], dim=-1))
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] rotated pairwise by rot [B, T, D/2, 2] (cos, sin): the complex product written out."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    re, im = xf[..., 0], xf[..., 1]
+    c, s = rot[:, :, None, :, 0], rot[:, :, None, :, 1]
+    return torch.stack([re * c - im * s, re * s + im * c], dim=-1).flatten(3).to(x.dtype)
+
+
+def _matmul_fn(modules: list[nn.Module], dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> the outputs of `modules` (Linear layers reading x) side by side, through the form eager mode uses
+    for them (``layers.linears``), looked up once here instead of on every call."""
+    from ..quant.kernels import PackedBF16
+    from ..quant.qtensor import QTensor
+
+    packs = [m.__dict__.get("_packed", {}).get("weight") for m in modules]
+    weights = [m.weight for m in modules]
+    if dtype == torch.bfloat16 and all(p is not None for p in packs):
+        matrix = PackedBF16.fused_form(packs)._packed[0] if len(packs) > 1 else packs[0]._matrix(0)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, matrix, None, "none", [], "")
+    if all(isinstance(w, QTensor) for w in weights) and not any(p is not None for p in packs):
+        form = QTensor.fused_form(weights) if len(weights) > 1 else weights[0]._repacked(0) if weights[0]._fast_path else None
+        if form is not None:
+            return form.linear
+    if len(modules) == 1:
+        if isinstance(modules[0], Linear):
+            return modules[0]
+        return lambda x, w=modules[0].weight: linear(x, w)  # a router: its weight as it is
+    return lambda x: torch.cat(linears(x, modules), dim=-1)
+
+
+def _expert_fn(experts: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """(x, e) -> routed expert e's SwiGLU of x, through the forms ``Experts.run_expert`` uses, looked up once."""
+    from ..quant.kernels import PackedBF16
+    from ..quant.qtensor import QTensor
+
+    n = experts.num_experts
+    packed = experts.__dict__.get("_packed")
+    if dtype == torch.bfloat16 and packed is not None and len(packed) == 3:
+        gu = [PackedBF16.fused_form([packed["gate_proj"], packed["up_proj"]], e)._packed[0] for e in range(n)]
+        down = [packed["down_proj"]._matrix(e) for e in range(n)]
+        width = experts.gate_proj.shape[1]
+        op = torch.ops.mkldnn._linear_pointwise
+
+        def run_packed(x, e):
+            g, u = op(x, gu[e], None, "none", [], "").split(width, dim=-1)
+            return op(F.silu(g).mul_(u), down[e], None, "none", [], "")
+
+        return run_packed
+    stacks = [experts.gate_proj, experts.up_proj, experts.down_proj]
+    if packed is None and all(isinstance(w, QTensor) and w._fast_path for w in stacks):
+        gu = [QTensor.fused_form(stacks[:2], e) for e in range(n)]
+        down = [stacks[2]._repacked(e) for e in range(n)]
+        if all(f is not None for f in gu + down):
+            width = stacks[0].shape[1]
+
+            def run_quantized(x, e):
+                g, u = gu[e].linear(x).split(width, dim=-1)
+                return down[e].linear(F.silu(g).mul_(u))
+
+            return run_quantized
+    return lambda x, e: experts.run_expert(e, x)
+
+
+class _LayerPlan:
+    """What the graph needs of one decoder layer: norm weights, flags, and the handles of its matmuls."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype):
+        attn = layer.self_attn
+        self.eps = attn.eps
+        self.in_norm = layer.input_layernorm.weight
+        self.post_norm = layer.post_attention_layernorm.weight
+        self.n_heads, self.n_kv, self.head_dim = attn.n_heads, attn.n_kv, attn.head_dim
+        self.use_rope, self.qk_norm, self.temperature = attn.use_rope, attn.qk_norm, attn.temperature
+        self.chunk, self.floor_scale, self.attn_scale = attn.chunk, attn.floor_scale, attn.attn_scale
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        self.qkv = _register(_matmul_fn(qkv, dtype), [m.out_features for m in qkv])
+        self.o = _register(_matmul_fn([attn.o_proj], dtype), [attn.o_proj.out_features])
+        ff = layer.feed_forward
+        self.is_moe = layer.is_moe
+        if self.is_moe:
+            router, experts = ff.router, ff.experts
+            self.router = _register(_matmul_fn([router], dtype), [router.weight.shape[0]])
+            self.expert = _register(_expert_fn(experts, dtype), [experts.down_proj.shape[1]])
+            dense = ff.shared_expert
+        else:
+            dense = ff
+        gu = [dense.gate_proj, dense.up_proj]
+        self.gate_up = _register(_matmul_fn(gu, dtype), [m.out_features for m in gu])
+        self.down = _register(_matmul_fn([dense.down_proj], dtype), [dense.down_proj.out_features])
+
+
+def _attention(p: _LayerPlan, h, positions, rot, k_cache, v_cache, pos_cache, slots):
+    b, t = h.shape[:2]
+    q, k, v = _mm(h, p.qkv)
+    v = v.reshape(b, t, p.n_kv, p.head_dim)
+    if p.use_rope:
+        qk = torch.cat([q.reshape(b, t, p.n_heads, p.head_dim), k.reshape(b, t, p.n_kv, p.head_dim)], 2)
+        qk = _rope(qk, rot)
+        if p.qk_norm:
+            qk = _rms(qk, p.eps)
+        q, k = qk.split([p.n_heads, p.n_kv], dim=2)
+    else:
+        q = q.reshape(b, t, p.n_heads, p.head_dim)
+        k = k.reshape(b, t, p.n_kv, p.head_dim)
+    if p.temperature:
+        scales = torch.log1p(torch.floor((positions.float() + 1.0) / p.floor_scale)) * p.attn_scale + 1.0
+        q = (q * scales[:, :, None, None]).to(q.dtype)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+    pos_cache.index_copy_(1, slots, positions)
+    qp, kp = positions[:, None, :, None], pos_cache[:, None, None, :]
+    allowed = (kp >= 0) & (kp <= qp)
+    if p.chunk is not None:
+        allowed = allowed & (torch.div(kp, p.chunk, rounding_mode="floor") == torch.div(qp, p.chunk, rounding_mode="floor"))
+    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=allowed, enable_gqa=p.n_kv != p.n_heads,
+                                         scale=1 / math.sqrt(p.head_dim))
+    out = out.transpose(1, 2).reshape(b, t, p.n_heads * p.head_dim)
+    return _mm(out, p.o)[0]
+
+
+def _feed_forward(p: _LayerPlan, h):
+    g, u = _mm(h, p.gate_up)
+    dense = _mm(F.silu(g) * u, p.down)[0]
+    if not p.is_moe:
+        return dense
+    flat = h.reshape(-1, h.shape[-1])
+    logits = _mm(flat, p.router)[0]
+    top_val, top_id = torch.topk(logits, 1, dim=-1)
+    score = torch.sigmoid(top_val.float()).to(h.dtype)
+    routed = torch.ops.herd.expert(flat * score, top_id, p.expert)
+    return (dense.reshape(flat.shape) + routed).view(h.shape)
+
+
+def _options() -> dict:
+    # Round every intermediate to its dtype as eager mode does (inductor otherwise keeps bf16 intermediates
+    # in fp32): the compiled step then gives the eager step's logits bit for bit in bf16.
+    return {"emulate_precision_casts": True}
+
+
+_WEIGHT_NAMES = ("weight", "gate_proj", "up_proj", "down_proj")
+
+
+def _weights_of(module: nn.Module) -> list[tuple[str, Any]]:
+    """(name, object) of the weights a module holds directly: parameters or quantized weight objects."""
+    return [(n, module._parameters[n] if n in module._parameters else module.__dict__[n])
+            for n in _WEIGHT_NAMES if n in module._parameters or n in module.__dict__]
+
+
+class DecodeStep:
+    """The compiled one-token step of one Llama4TextModel (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.final_norm, self.eps = model.model.norm.weight, model.model.norm.eps
+        dtype = model.model.embed_tokens.dtype  # the activations' (and the KV cache's)
+        start = len(_CALLS)
+        self.plans = [_LayerPlan(layer, dtype) for layer in model.model.layers]
+        self.head = _register(_matmul_fn([model.lm_head], dtype), [model.lm_head.out_features])
+        self._handles = range(start, len(_CALLS))
+        # what the graph and its matmul forms assume, checked on every call: the same modules (no adapter
+        # swapped in), no hooks (observers must see eager calls), the same weight objects
+        self._watched = [(parent._modules, name, child, child._forward_hooks, child._forward_pre_hooks,
+                          child._parameters, child.__dict__, _weights_of(child))
+                         for parent in model.modules() for name, child in parent._modules.items()]
+        self._moe = [layer.feed_forward for layer in model.model.layers if layer.is_moe]
+        # A fresh code object per step: dynamo keys its cache (and its limit of recompiles) on the code object,
+        # so each model gets its own graph instead of counting as a recompile of another model's.
+        graph = types.FunctionType(DecodeStep._graph.__code__.replace(), globals(), "decode_step")
+        self._fn = torch.compile(functools.partial(graph, self), fullgraph=True, dynamic=False, options=_options())
+
+    def release(self) -> None:
+        """Forget this step's matmul forms (the model then decodes eagerly)."""
+        for h in self._handles:
+            _CALLS.pop(h, None)
+            _OUT.pop(h, None)
+        self.model.__dict__.pop("_decode_step", None)
+
+    def _graph(self, x, positions, rot, k_caches, v_caches, pos_caches, slots):
+        for i, p in enumerate(self.plans):
+            h = _rms(x, p.eps) * p.in_norm
+            x = x + _attention(p, h, positions, rot, k_caches[i], v_caches[i], pos_caches[i], slots[i])
+            x = x + _feed_forward(p, _rms(x, p.eps) * p.post_norm)
+        return _mm(_rms(x, self.eps) * self.final_norm, self.head)[0]
+
+    def covers(self, input_ids, cache, positions, inputs_embeds) -> bool:
+        """Whether this forward call is a step the graph computes as the eager forward would: one row, one
+        token id, a cache already holding the prompt, on the CPU, fast kernels on, no autograd, nothing
+        changed or observed since compiling."""
+        from ..quant import kernels
+
+        if inputs_embeds is not None or positions is not None or cache is None or input_ids is None:
+            return False
+        if input_ids.shape != (1, 1) or input_ids.device.type != "cpu" or not kernels.enabled() or torch.is_grad_enabled():
+            return False
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        for siblings, name, child, hooks, pre_hooks, params, attrs, weights in self._watched:
+            if siblings.get(name) is not child or hooks or pre_hooks:
+                return False
+            for attr, w in weights:
+                if (params[attr] if attr in params else attrs.get(attr)) is not w:
+                    return False
+        if any(m.route_hook is not None or m.logits_hook is not None for m in self._moe):
+            return False
+        return len(cache.layers) == len(self.plans) and bool(cache.seq_lens[0] > 0)
+
+    def __call__(self, input_ids, cache) -> torch.Tensor:
+        model = self.model
+        positions = cache.next_positions(1)
+        pos = int(positions[0, 0])
+        x = model.embed(input_ids)
+        rot = torch.view_as_real(model.model.rotary_emb(positions))  # the cos/sin eager RoPE uses
+        slots = []
+        for layer in cache.layers:
+            layer._grow(pos + 1)
+            slots.append(torch.tensor([pos % layer.limit if layer.limit is not None else pos]))
+        ks, vs, ps = [c.k for c in cache.layers], [c.v for c in cache.layers], [c.pos for c in cache.layers]
+        for t in ks + vs:  # the cache grows: its length is a symbol of the graph, not a constant
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        for t in ps:
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+        logits = self._fn(x, positions, rot, ks, vs, ps, slots)
+        cache.advance(1)
+        return logits
+
+
+def compile_decode(model: nn.Module) -> DecodeStep:
+    """Attach a compiled one-token decode step to `model` (a Llama4TextModel): its forward then runs every
+    batch-1, one-token cached step the graph covers through it (compiled on the first such step). Call
+    after the model's weights and paths are final; ``release_decode`` detaches it."""
+    from ..quant.kernels import select_paths
+
+    release_decode(model)
+    select_paths(model, eager=True, progress=True)  # every repacked and fused form exists before it is captured
+    step = DecodeStep(model)
+    model.__dict__["_decode_step"] = step
+    return step
+
+
+def release_decode(model: nn.Module) -> None:
+    step = model.__dict__.get("_decode_step")
+    if step is not None:
+        step.release()
+
+
+def wanted() -> bool:
+    """``HERD_COMPILE=1`` asks for compiled decoding wherever herd loads a model (as ``--compile`` does)."""
+    return os.environ.get("HERD_COMPILE", "0").lower() in ("1", "true", "yes", "on")
