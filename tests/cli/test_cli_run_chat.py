@@ -116,3 +116,27 @@ def test_chat_subprocess_stdin_script(real_vocab_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert len(TIMING.findall(proc.stderr)) == 2
+
+
+def test_run_compile_flag_gives_the_same_text(real_vocab_dir, llm, capsys):
+    """`--compile` attaches the compiled decode step (a fresh load: the cached one stays eager) and the greedy
+    text is the eager text."""
+    import herd
+
+    argv = ["run", "-m", str(real_vocab_dir), "-p", "Tell me a story", "-n", "6", "--temp", "0", "--compile"]
+    loaded = []
+    real_load = herd.load
+
+    def load(source, **kw):
+        loaded.append(real_load(source, **kw))
+        return loaded[-1]
+
+    herd.load = load
+    try:
+        assert main(argv) == 0
+    finally:
+        herd.load = real_load
+    out, _ = capsys.readouterr()
+    assert "_decode_step" in loaded[0].model.__dict__
+    ids = llm.format_chat([{"role": "user", "content": "Tell me a story"}])
+    assert out == llm.complete(ids, max_tokens=6, temperature=0) + "\n"

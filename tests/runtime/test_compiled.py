@@ -66,9 +66,13 @@ def bf16_pair(tiny_dir):
 
 
 def test_bf16_steps_equal_eager_bit_for_bit(bf16_pair):
+    from torch._dynamo.utils import counters
+
     want, model, calls = bf16_pair
+    graphs = counters["stats"]["unique_graphs"]
     got = _decode(model, PROMPT)
     assert calls["n"] == STEPS  # every decode step ran compiled; the prefill did not
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph: the growing cache did not recompile
     assert torch.equal(got, want)
 
 
