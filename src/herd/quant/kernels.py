@@ -89,7 +89,8 @@ def has_int8_dot() -> bool:
 
 def _cpu_flags() -> set[str]:
     try:
-        return set(next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split())
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
         return set()
 
