@@ -32,3 +32,18 @@ def test_bench_repeat_keeps_each_engines_best(capsys):
     assert best_of(runs) == {"prefill_tok_s": 10, "decode_tok_s": 5, "load_s": 1, "peak_rss_mib": 120, "runs": 2}
     assert best_of([{"error": "x"}]) == {"error": "x"}
     assert 1 <= physical_cores()
+
+
+def test_bench_compile_reports_the_first_step(capsys):
+    """--compile reaches the child: herd decodes through the compiled step and reports its compile time;
+    the table shows it without a ratio (llama.cpp has no such step)."""
+    from argparse import Namespace
+
+    from herd.cli.bench import table
+
+    assert main(["bench", "-p", "4", "-n", "3", "-t", "1", "--compile", "--json"]) == 0
+    herd = json.loads(capsys.readouterr().out)["herd"]
+    assert herd["compile_s"] > 0 and herd["decode_tok_s"] > 0
+    results = {"herd": dict(herd), "llama.cpp": {k: v for k, v in herd.items() if k != "compile_s"}}
+    text = table(results, Namespace(model="m.gguf", n_prompt=4, n_gen=3, threads=1))
+    assert "| compile s (first step) |" in text and text.splitlines()[-1].endswith(" - | - |")
