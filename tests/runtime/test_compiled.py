@@ -97,8 +97,15 @@ def test_quantized_steps_match_eager(quantized_gguf, dtype):
     assert calls["n"] == STEPS
     if dtype == "bf16":
         assert torch.equal(got, want)
-    else:
-        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+        return
+    from herd.quant.qtensor import QTensor
+
+    paths = {w._fast_path for m in llm.model.modules() for w in vars(m).values() if isinstance(w, QTensor)}
+    # the int4 kernels (CPUs without VNNI) take bf16 activations: a float32 rounding difference of the fused
+    # element-wise math can move an input across a bf16 rounding boundary
+    tol = 2e-2 if paths & {"int4", "int4x2"} else 1e-5
+    assert torch.allclose(got, want, atol=tol, rtol=tol)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 @pytest.fixture(scope="module")
