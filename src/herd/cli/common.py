@@ -41,6 +41,7 @@ def load_model(args: argparse.Namespace):
     llm = herd.load(args.model or "demo", dtype=args.dtype)
     if getattr(args, "compile", False) or compiled.wanted():
         llm.compile()
+        print("herd: the first decode step compiles the step graph (seconds; inductor caches it on disk)", file=sys.stderr)
     return llm
 
 

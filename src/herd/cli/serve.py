@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     llm = herd.load(args.model or "demo", dtype=args.dtype)
     if args.compile or compiled.wanted():
         llm.compile()
+        print("herd: the first decode step compiles the step graph (seconds; inductor caches it on disk)", file=sys.stderr)
     name = args.alias or (args.model or "demo")
     app = create_app(llm, model_name=name, api_key=args.api_key, parallel=args.parallel, ctx=args.ctx_size)
     print(f"herd: serving {name} on http://{args.host}:{args.port}/v1 (parallel {args.parallel})", file=sys.stderr)
