@@ -167,3 +167,19 @@ def test_swapped_weights_and_release(tiny_dir):
     assert torch.equal(got, _decode(fresh.model, PROMPT, steps=2))
     release_decode(llm.model)
     assert "_decode_step" not in llm.model.__dict__
+
+
+def test_released_handles_are_never_reused(tiny_dir):
+    """A released step's op numbers are not handed out again: another live step keeps its matmuls."""
+    from herd.runtime import compiled
+
+    models = [herd.load(tiny_dir, dtype="bf16").model for _ in range(3)]
+    first, second = compile_decode(models[0]), compile_decode(models[1])
+    kept = {h: compiled._CALLS[h] for h in second._handles}
+    release_decode(models[0])
+    third = compile_decode(models[2])
+    assert not set(third._handles) & set(second._handles) and not set(third._handles) & set(first._handles)
+    assert all(compiled._CALLS[h] is fn for h, fn in kept.items())
+    assert not any(h in compiled._CALLS for h in first._handles)
+    release_decode(models[1])
+    release_decode(models[2])

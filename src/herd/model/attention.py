@@ -46,20 +46,14 @@ class Attention(nn.Module):
         self.v_proj = Linear(h, self.n_kv * self.head_dim)
         self.o_proj = Linear(self.n_heads * self.head_dim, h)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        rot: torch.Tensor,
-        cache: LayerCache | None = None,
-        contiguous_from_zero: bool = False,
-    ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = linears(x, [self.q_proj, self.k_proj, self.v_proj])
+    def heads(self, q, k, v, positions, rot, rope=apply_rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projections [B, T, heads * D] -> q, k, v [B, heads, T, D]: RoPE (`rope` applies `rot`; the compiled
+        decode step passes its real-valued form) and QK norm on RoPE layers, temperature tuning on NoPE ones."""
+        b, t = q.shape[:2]
         v = v.reshape(b, t, self.n_kv, self.head_dim)
         if self.use_rope:  # q and k heads rotated (and normed) together: the same per-head ops, half the calls
             qk = torch.cat([q.reshape(b, t, self.n_heads, self.head_dim), k.reshape(b, t, self.n_kv, self.head_dim)], 2)
-            qk = apply_rope(qk, rot)
+            qk = rope(qk, rot)
             if self.qk_norm:
                 qk = rms_norm(qk, self.eps)
             q, k = qk.split([self.n_heads, self.n_kv], dim=2)
@@ -69,7 +63,18 @@ class Attention(nn.Module):
         if self.temperature:
             scales = temperature_scales(positions, self.floor_scale, self.attn_scale)
             q = (q * scales[:, :, None, None]).to(q.dtype)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rot: torch.Tensor,
+        cache: LayerCache | None = None,
+        contiguous_from_zero: bool = False,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.heads(*linears(x, [self.q_proj, self.k_proj, self.v_proj]), positions, rot)
 
         if cache is not None:
             keys, values, key_pos = cache.update(k, v, positions)

@@ -15,6 +15,7 @@ on. Steps it does not cover (several rows or tokens, hooks, adapters, training) 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import types
@@ -30,8 +31,11 @@ _CALLS: dict[int, Callable[..., Any]] = {}  # handle -> what the custom ops run 
 _OUT: dict[int, list[int]] = {}  # handle -> output widths (for the ops' shapes while tracing)
 
 
+_HANDLES = itertools.count()  # never reused: a released step's numbers must not name another step's ops
+
+
 def _register(fn: Callable[..., Any], widths: list[int]) -> int:
-    handle = len(_CALLS)
+    handle = next(_HANDLES)
     _CALLS[handle] = fn
     _OUT[handle] = widths
     return handle
@@ -70,10 +74,6 @@ def _(x, expert_ids, handle):
 
 def _mm(x: torch.Tensor, handle: int) -> list[torch.Tensor]:
     return list(torch.ops.herd.matmuls(x, handle).split(_OUT[handle], dim=-1))
-
-
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -143,13 +143,8 @@ class _LayerPlan:
     """What the graph needs of one decoder layer: norm weights, flags, and the handles of its matmuls."""
 
     def __init__(self, layer: nn.Module, dtype: torch.dtype):
-        attn = layer.self_attn
-        self.eps = attn.eps
-        self.in_norm = layer.input_layernorm.weight
-        self.post_norm = layer.post_attention_layernorm.weight
-        self.n_heads, self.n_kv, self.head_dim = attn.n_heads, attn.n_kv, attn.head_dim
-        self.use_rope, self.qk_norm, self.temperature = attn.use_rope, attn.qk_norm, attn.temperature
-        self.chunk, self.floor_scale, self.attn_scale = attn.chunk, attn.floor_scale, attn.attn_scale
+        attn = self.attn = layer.self_attn
+        self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.cache_limit = attn.chunk  # chunked layers keep a ring of `chunk` slots (runtime.cache)
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         self.qkv = _register(_matmul_fn(qkv, dtype), [m.out_features for m in qkv])
@@ -169,32 +164,17 @@ class _LayerPlan:
 
 
 def _attention(p: _LayerPlan, h, positions, rot, k_cache, v_cache, pos_cache, slots):
-    b, t = h.shape[:2]
-    q, k, v = _mm(h, p.qkv)
-    v = v.reshape(b, t, p.n_kv, p.head_dim)
-    if p.use_rope:
-        qk = torch.cat([q.reshape(b, t, p.n_heads, p.head_dim), k.reshape(b, t, p.n_kv, p.head_dim)], 2)
-        qk = _rope(qk, rot)
-        if p.qk_norm:
-            qk = _rms(qk, p.eps)
-        q, k = qk.split([p.n_heads, p.n_kv], dim=2)
-    else:
-        q = q.reshape(b, t, p.n_heads, p.head_dim)
-        k = k.reshape(b, t, p.n_kv, p.head_dim)
-    if p.temperature:
-        scales = torch.log1p(torch.floor((positions.float() + 1.0) / p.floor_scale)) * p.attn_scale + 1.0
-        q = (q * scales[:, :, None, None]).to(q.dtype)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    """``Attention.forward`` for one token: store its key/value by slot, attend over the cache buffers."""
+    from ..model.attention import attention_mask
+
+    attn = p.attn
+    q, k, v = attn.heads(*_mm(h, p.qkv), positions, rot, rope=_rope)
     k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
     pos_cache.index_copy_(1, slots, positions)
-    qp, kp = positions[:, None, :, None], pos_cache[:, None, None, :]
-    allowed = (kp >= 0) & (kp <= qp)
-    if p.chunk is not None:
-        allowed = allowed & (torch.div(kp, p.chunk, rounding_mode="floor") == torch.div(qp, p.chunk, rounding_mode="floor"))
-    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=allowed, enable_gqa=p.n_kv != p.n_heads,
-                                         scale=1 / math.sqrt(p.head_dim))
-    out = out.transpose(1, 2).reshape(b, t, p.n_heads * p.head_dim)
+    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=attention_mask(positions, pos_cache, attn.chunk),
+                                         enable_gqa=attn.n_kv != attn.n_heads, scale=1 / math.sqrt(attn.head_dim))
+    out = out.transpose(1, 2).reshape(*h.shape[:2], attn.n_heads * attn.head_dim)
     return _mm(out, p.o)[0]
 
 
@@ -250,12 +230,11 @@ class DecodeStep:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.final_norm, self.eps = model.model.norm.weight, model.model.norm.eps
         dtype = model.model.embed_tokens.dtype  # the activations' (and the KV cache's)
-        start = len(_CALLS)
+        before = set(_CALLS)
         self.plans = [_LayerPlan(layer, dtype) for layer in model.model.layers]
         self.head = _register(_matmul_fn([model.lm_head], dtype), [model.lm_head.out_features])
-        self._handles = range(start, len(_CALLS))
+        self._handles = sorted(set(_CALLS) - before)
         # what the graph and its matmul forms assume, checked on every call: the same modules (no adapter
         # swapped in), no hooks (observers must see eager calls), the same weight objects
         self._watched = [(parent._modules, name, child, child._forward_hooks, child._forward_pre_hooks,
@@ -278,11 +257,11 @@ class DecodeStep:
     def _graph(self, input_ids, positions, rot, k_caches, v_caches, pos_caches):
         x = _embed(self.model.model.embed_tokens, input_ids) if self.embed_in_graph else input_ids
         for i, p in enumerate(self.plans):
-            h = _rms(x, p.eps) * p.in_norm
+            h = p.in_norm(x)
             slots = positions[0] % p.cache_limit if p.cache_limit is not None else positions[0]
             x = x + _attention(p, h, positions, rot, k_caches[i], v_caches[i], pos_caches[i], slots)
-            x = x + _feed_forward(p, _rms(x, p.eps) * p.post_norm)
-        return _mm(_rms(x, self.eps) * self.final_norm, self.head)[0]
+            x = x + _feed_forward(p, p.post_norm(x))
+        return _mm(self.model.model.norm(x), self.head)[0]
 
     def covers(self, input_ids, cache, positions, inputs_embeds) -> bool:
         """Whether this forward call is a step the graph computes as the eager forward would: one row, one
