@@ -36,10 +36,14 @@ def load_model(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    return compile_if_asked(herd.load(args.model or "demo", dtype=args.dtype), getattr(args, "compile", False))
+
+
+def compile_if_asked(llm, flag: bool):
+    """Attach the compiled decode step when `flag` (``--compile``) or ``HERD_COMPILE`` asks for it."""
     from herd.runtime import compiled
 
-    llm = herd.load(args.model or "demo", dtype=args.dtype)
-    if getattr(args, "compile", False) or compiled.wanted():
+    if flag or compiled.wanted():
         llm.compile()
         print("herd: the first decode step compiles the step graph (seconds; inductor caches it on disk)", file=sys.stderr)
     return llm

@@ -34,12 +34,9 @@ def run(args: argparse.Namespace) -> int:
         raise HerdError("--parallel must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from herd.runtime import compiled
+    from .common import compile_if_asked
 
-    llm = herd.load(args.model or "demo", dtype=args.dtype)
-    if args.compile or compiled.wanted():
-        llm.compile()
-        print("herd: the first decode step compiles the step graph (seconds; inductor caches it on disk)", file=sys.stderr)
+    llm = compile_if_asked(herd.load(args.model or "demo", dtype=args.dtype), args.compile)
     name = args.alias or (args.model or "demo")
     app = create_app(llm, model_name=name, api_key=args.api_key, parallel=args.parallel, ctx=args.ctx_size)
     print(f"herd: serving {name} on http://{args.host}:{args.port}/v1 (parallel {args.parallel})", file=sys.stderr)
