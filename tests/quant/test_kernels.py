@@ -140,10 +140,9 @@ def tiny_gguf(quant_model, tmp_path_factory):
 
 
 @needs_vnni
-def test_vnni_matches_integer_arithmetic(monkeypatch):
-    """The plain vnni path is exactly: both operands rounded to int8 per row, an integer dot product, two
+def test_vnni_matches_integer_arithmetic():
+    """The vnni path is exactly: both operands rounded to int8 per row, an integer dot product, two
     scales."""
-    monkeypatch.setattr(kernels, "_FBGEMM", False)
     w = _qt((48, 256), "Q6_K")
     vw = kernels.build("vnni", w.data, w.qtype, (48, 256))
     dense = w.dequantize()
@@ -167,37 +166,20 @@ def test_vnni_matches_integer_arithmetic(monkeypatch):
         kernels.CHUNK_ROWS = saved
 
 
-@pytest.mark.skipif(not (HAS_VNNI and kernels.has_fbgemm()), reason="needs a VNNI CPU and torch with fbgemm")
-def test_vnni_fbgemm_form():
-    """With fbgemm the vnni weight keeps the same int8 codes and scales in fbgemm's layout; its input is
-    quantized per tensor, so rows of very different size are each scaled to their own range first; a part
-    of a fused matrix gives exactly its columns of the fused result."""
-    dense = _qt((48, 256), "Q6_K").dequantize()
-    plain = kernels.VnniWeight(dense)
-    packed = kernels.VnniWeight(dense)
-    packed.use_fbgemm()
-    assert packed.codes is None and packed._fbgemm is not None
-    assert torch.equal(packed.plain_codes(), plain.codes) and torch.equal(packed.scale, plain.scale)
-    assert torch.equal(packed.dequantize(), plain.dequantize())
-    x = torch.randn(6, 256)
-    x[2] *= 1000.0  # per-tensor quantization of this batch as is would flatten the other rows
-    x[4] *= 1e-3
-    want = x @ plain.dequantize().T
-    got = packed.linear(x)
-    for r in range(6):
-        assert _rel(got[r], want[r]) < VNNI_REL, r
-    one = x[:1]
-    assert _rel(packed.linear(one), one @ dense.T) < VNNI_REL
-    assert packed.linear(x.bfloat16()).dtype == torch.bfloat16
+def test_vnni_fused_parts_are_views_of_the_fused_matrix():
+    """q/k/v fused into one int8 matrix keep no second copy: each part's codes and scales are views of the
+    fused ones, and a part called alone (a hooked module) gives exactly its columns of the fused result."""
     parts = [kernels.VnniWeight(_qt((n, 256), "Q4_K", seed=n).dequantize()) for n in (32, 16, 16)]
-    for p in parts:
-        p.use_fbgemm()
+    alone = [p.linear(torch.randn(1, 256)) for p in parts]  # built before fusing: same codes after
     fused = kernels.VnniWeight.fuse(parts)
-    assert fused._fbgemm is not None and all(p._fbgemm is None and p.nbytes == 0 for p in parts)
+    x = torch.randn(6, 256)
     full = fused.linear(x)
-    assert torch.equal(parts[1].linear(x), full[:, 32:48]) and torch.equal(parts[1].plain_codes(), fused.plain_codes()[32:48])
-    with pytest.raises(ValueError):
-        fused.linear(kernels.QuantizedInput(x))
+    start = 0
+    for p, before in zip(parts, alone):
+        n = p.shape[0]
+        assert p.codes.untyped_storage().data_ptr() == fused.codes.untyped_storage().data_ptr()
+        assert torch.equal(p.linear(x), full[:, start : start + n]) and before.shape == (1, n)
+        start += n
 
 
 def test_shared_input_quantized_once(vnni):

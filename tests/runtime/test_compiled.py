@@ -92,9 +92,14 @@ def test_quantized_steps_match_eager(quantized_gguf, dtype):
     float32 ones agree to float32 rounding (fused element-wise math may round differently)."""
     llm = herd.load(quantized_gguf, dtype=dtype)
     want = _decode(llm.model, PROMPT)
-    calls = _counting(compile_decode(llm.model))
+    step = compile_decode(llm.model)
+    calls = _counting(step)
     got = _decode(llm.model, PROMPT)
     assert calls["n"] == STEPS
+    if kernels.has_int8_dot():  # int8 weights: the graph quantizes inputs itself around herd::int_mm
+        groups = [g for p in step.plans for g in (p.qkv, p.o, p.gate_up, p.down)]
+        assert all(g.scale is not None for g in groups)
+        assert all(p.expert.int8 for p in step.plans if p.is_moe)
     if dtype == "bf16":
         assert torch.equal(got, want)
         return

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from herd.errors import RequestError
-from herd.runtime.sampling import Sampler, SamplingParams, apply_penalties
+from herd.runtime.sampling import Sampler, SamplingParams, apply_penalties, greedy
 
 
 def logits_of(probs):
@@ -150,3 +150,14 @@ def test_fast_truncation_equals_full_sort(scale, top_p, min_p, top_k):
     p = SamplingParams(temperature=0.7, top_p=top_p, min_p=min_p, top_k=top_k)
     got = Sampler(p, 20000).probs(logits)
     assert torch.allclose(got, reference_probs(logits, p), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_is_torch_argmax_first_on_ties(dtype):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        logits = torch.randint(-50, 50, (202048,), generator=g).to(dtype)  # many ties of the largest value
+        assert greedy(logits) == int(torch.argmax(logits)) == int((logits == logits.max()).nonzero()[0])
+    logits = torch.zeros(10, dtype=dtype)
+    logits[[3, 7]] = float("nan")
+    assert greedy(logits) == 3  # a NaN wins, as in torch.max

@@ -12,12 +12,10 @@ stacks, so a decode step repacks and reads only the experts it selects) and the 
   most half an int8 step of a row's largest value (weight row, input row) — small against these types' own
   rounding; the measured KL divergence per type is in benchmarks/RESULTS.md. It is 4-7x faster than the
   paths below at every batch size on such a CPU, at 8 bits per weight in memory (``HERD_FAST_KERNELS=int4``
-  keeps 4-bit types in the 4-bit pack instead: half the memory, slower). Where torch has fbgemm (x86
-  builds), the int8 codes are laid out once for fbgemm's dynamic int8 linear, which quantizes the input,
-  multiplies and applies both scales in one call (one op instead of ~10 per matmul, the limit at decode,
-  and ~2.5x faster at prefill); its input quantization is per tensor, asymmetric uint8, and several rows
-  are divided by their largest magnitudes first, so every row keeps a step of its own range
-  (``HERD_FAST_KERNELS=intmm`` keeps the plain ``_int_mm`` path).
+  keeps 4-bit types in the 4-bit pack instead: half the memory, slower). ``_int_mm`` costs ~3 us per call
+  beyond its streaming, where fbgemm's one-op dynamic int8 linear (tried before) costs ~26 us, and it ran
+  1536-2048 x 1024 matrices ~1.4-2.3x faster at 256 rows; the compiled decode step fuses the input
+  quantization and scales around it (runtime/compiled.py).
 * ``int4`` — Q4_0, Q4_1, Q4_K: each value is code * step + offset with a 4-bit code and one (step, offset)
   per 32 values (Q4_0: d, -8d; Q4_1: d, m; Q4_K: d*sc, -dmin*m per sub-block), which is torch's int4
   format ``(code - 8) * scale + zero`` with scale = step, zero = offset + 8*step; small batches run
@@ -371,12 +369,9 @@ class QuantizedInput:
 
 class VnniWeight:
     """One [N, K] matrix as int8 codes with one float32 scale per row, multiplied against int8-quantized
-    input rows by ``torch._int_mm``, fbgemm's int8 linear (``use_fbgemm``) or, for output heads, oneDNN's
-    (``maybe_prepack``)."""
+    input rows by ``torch._int_mm`` or, for output heads, oneDNN's int8 linear (``maybe_prepack``)."""
 
     _qpacked = None  # oneDNN's own layout of the codes, for very tall matrices (see maybe_prepack)
-    _fbgemm = None  # fbgemm's packed form of the codes (see use_fbgemm)
-    _part_of = None  # (fused VnniWeight, first row) when this matrix's rows live in a fused one (see fuse)
 
     def __init__(self, w: torch.Tensor):
         self.codes, self.scale = quantize_rows(w)
@@ -384,15 +379,10 @@ class VnniWeight:
         self._codes_t = self.codes.t()
 
     def plain_codes(self) -> torch.Tensor:
-        """The int8 codes [N, K], whichever form holds them (unpacked from fbgemm's layout if needed)."""
-        if self.codes is not None:
-            return self.codes
-        if self._fbgemm is not None:
-            return torch.ops.quantized.linear_unpack(self._fbgemm)[0].int_repr()
-        if self._part_of is not None:
-            fused, start = self._part_of
-            return fused.plain_codes()[start : start + self.shape[0]]
-        raise ValueError("a prepacked VnniWeight keeps no plain codes")
+        """The int8 codes [N, K] (which a matrix prepacked for oneDNN no longer keeps)."""
+        if self.codes is None:
+            raise ValueError("a prepacked VnniWeight keeps no plain codes")
+        return self.codes
 
     @classmethod
     def concat(cls, parts: list["VnniWeight"]) -> "VnniWeight":
@@ -403,24 +393,16 @@ class VnniWeight:
 
     @classmethod
     def fuse(cls, parts: list["VnniWeight"]) -> "VnniWeight":
-        """``concat``, then each part re-pointed at its rows of the result: matmuls that read one input run
-        as one call without keeping a second copy of the weights. A part called on its own then reads its
-        rows of the fused codes (views), or, where those live in fbgemm's layout, runs the fused matmul and
-        keeps its columns (only hooked or adapted modules call parts alone)."""
-        packed = any(p._fbgemm is not None for p in parts)
+        """``concat``, then each part re-pointed at its rows of the result (views): matmuls that read one
+        input run as one call without keeping a second copy of the weights (only hooked or adapted modules
+        call a part on its own)."""
         fused = cls.concat(parts)
-        if packed:
-            fused.use_fbgemm()
         start = 0
         for p in parts:
             n = p.shape[0]
             p.scale = fused.scale[start : start + n]
-            if packed:
-                p.codes = p._codes_t = p._fbgemm = None
-                p._part_of = (fused, start)
-            else:
-                p.codes = fused.codes[start : start + n]
-                p._codes_t = p.codes.t()
+            p.codes = fused.codes[start : start + n]
+            p._codes_t = p.codes.t()
             start += n
         return fused
 
@@ -428,33 +410,6 @@ class VnniWeight:
         n, k = self.shape
         w = (out if out is not None else torch.empty(n * k, dtype=torch.float32)).view(n, k)
         return w.copy_(self.plain_codes()).mul_(self.scale[:, None])
-
-    def use_fbgemm(self) -> None:
-        """Lay the codes out once for fbgemm's int8 linear (``quantized.linear_dynamic``) and drop the plain
-        copy, where that op exists. It quantizes its input, multiplies and applies both scales in one call:
-        at one token per step each torch op costs microseconds (more after a weight has streamed through the
-        caches), and this replaces the ~10 ops of quantize_rows + ``_int_mm`` + scales; it also runs a
-        256-row prefill ~2.5x faster than ``_int_mm``. Its input quantization is per tensor and asymmetric
-        (uint8 over [min, max]): for one row that is at least as fine as the per-row int8 of the plain
-        path, and several rows are first divided by their largest magnitudes (see ``_linear_fbgemm``)."""
-        if self._fbgemm is not None or self._qpacked is not None or self.codes is None or not has_fbgemm():
-            return
-        import warnings
-
-        with warnings.catch_warnings():  # torch marks quantized tensors deprecated; the packed op is what we use
-            warnings.simplefilter("ignore")
-            q = torch._make_per_channel_quantized_tensor(
-                self.codes, self.scale.double(), torch.zeros(self.shape[0], dtype=torch.long), 0)
-            self._fbgemm = torch.ops.quantized.linear_prepack(q, None)
-        self.codes = self._codes_t = None
-
-    def _linear_fbgemm(self, xf: torch.Tensor) -> torch.Tensor:
-        """[M, K] float32 -> [M, N] float32."""
-        if xf.shape[0] == 1:
-            return torch.ops.quantized.linear_dynamic(xf, self._fbgemm, False)
-        # rows scaled to max |x| = 1 first: one quantization step per row's own range, as per-row int8
-        amax = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)
-        return torch.ops.quantized.linear_dynamic(xf / amax, self._fbgemm, False).mul_(amax)
 
     def maybe_prepack(self) -> None:
         """For a matrix of at least PREPACK_ROWS rows (an output head) on a CPU with VNNI, lay the codes out
@@ -477,15 +432,11 @@ class VnniWeight:
                                                          None, 1.0, 0, torch.float32, "none", [], "")
 
     def linear(self, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
-        if self._qpacked is not None or self._fbgemm is not None or self._part_of is not None:
+        if self._qpacked is not None:
             if isinstance(x, QuantizedInput):
                 raise ValueError("a prepacked VnniWeight takes the unquantized input")
-            if self._part_of is not None:
-                fused, start = self._part_of
-                return fused.linear(x)[..., start : start + self.shape[0]]
-            x2, lead = _flat(x)  # both packed ops take float32 rows and quantize them themselves
-            xf = x2 if x2.dtype == torch.float32 else x2.float()
-            y = self._linear_fbgemm(xf) if self._fbgemm is not None else self._linear_prepacked(xf)
+            x2, lead = _flat(x)  # the prepacked op takes float32 rows and quantizes them itself
+            y = self._linear_prepacked(x2 if x2.dtype == torch.float32 else x2.float())
             return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*lead, self.shape[0])
         q = x if isinstance(x, QuantizedInput) else QuantizedInput(x)
         n = self.shape[0]
@@ -503,23 +454,7 @@ class VnniWeight:
 
     @property
     def nbytes(self) -> int:
-        if self._part_of is not None:
-            return 0  # its rows are counted in the fused matrix
         return self.shape[0] * self.shape[1] + self.scale.nbytes  # int8 codes, in whichever layout
-
-
-_FBGEMM: bool | None = None
-
-
-def has_fbgemm() -> bool:
-    """Whether torch has fbgemm's dynamic int8 linear (x86 builds) and it is not switched off
-    (``HERD_FAST_KERNELS=intmm`` keeps the plain ``_int_mm`` path, to compare)."""
-    global _FBGEMM
-    if _FBGEMM is None:
-        engines = set(torch.backends.quantized.supported_engines)
-        _FBGEMM = (_MODE != "intmm" and bool(engines & {"fbgemm", "x86"})
-                   and hasattr(torch.ops.quantized, "linear_dynamic") and hasattr(torch, "_make_per_channel_quantized_tensor"))
-    return _FBGEMM
 
 
 # ---------------------------------------------------------------------------------------------- dense bf16
@@ -687,7 +622,6 @@ def build(path: str, blocks: torch.Tensor, qtype, shape: tuple[int, int]):
                 formats.dequantize(blocks[i : i + rows], qtype, (rows, shape[1])))
         w._codes_t = w.codes.t()
         w.maybe_prepack()
-        w.use_fbgemm()
         return w
     if path == "int8":
         parts = [Int8Weight(formats.dequantize(blocks[i : i + BUILD_ROWS], qtype, (min(BUILD_ROWS, shape[0] - i), shape[1])))

@@ -29,14 +29,18 @@ from ..model.layers import Linear, linear, linears
 
 _CALLS: dict[int, Callable[..., Any]] = {}  # handle -> what the custom ops run eagerly
 _OUT: dict[int, list[int]] = {}  # handle -> output widths (for the ops' shapes while tracing)
+_CODES: dict[int, list[torch.Tensor]] = {}  # handle -> int8 codes [K, N] (one per expert) for herd::int_mm
 
 
 _HANDLES = itertools.count()  # never reused: a released step's numbers must not name another step's ops
 
 
-def _register(fn: Callable[..., Any], widths: list[int]) -> int:
+def _register(fn: Callable[..., Any] | None, widths: list[int], codes: list[torch.Tensor] | None = None) -> int:
     handle = next(_HANDLES)
-    _CALLS[handle] = fn
+    if fn is not None:
+        _CALLS[handle] = fn
+    if codes is not None:
+        _CODES[handle] = codes
     _OUT[handle] = widths
     return handle
 
@@ -46,6 +50,7 @@ def _register(fn: Callable[..., Any], widths: list[int]) -> int:
 _LIB = torch.library.Library("herd", "DEF")
 _LIB.define("matmuls(Tensor x, int handle) -> Tensor")
 _LIB.define("expert(Tensor x, Tensor expert_ids, int handle) -> Tensor")
+_LIB.define("int_mm(Tensor xq, Tensor expert_ids, int handle) -> Tensor")
 
 
 def _matmuls(x: torch.Tensor, handle: int) -> torch.Tensor:
@@ -58,8 +63,17 @@ def _expert(x: torch.Tensor, expert_ids: torch.Tensor, handle: int) -> torch.Ten
     return _CALLS[handle](x, int(expert_ids.reshape(-1)[0]))
 
 
+def _int_mm(xq: torch.Tensor, expert_ids: torch.Tensor, handle: int) -> torch.Tensor:
+    """int8 rows [M, K] times one int8 matrix (a dense one, or the expert `expert_ids` picks) -> int32 [M, N]:
+    the product alone, ~3 us beyond streaming the codes; the graph quantizes the input and applies the
+    scales around it, fused with the ops before and after."""
+    codes = _CODES[handle]
+    return torch._int_mm(xq, codes[int(expert_ids.reshape(-1)[0])] if len(codes) > 1 else codes[0])
+
+
 _LIB.impl("matmuls", _matmuls, "CPU")
 _LIB.impl("expert", _expert, "CPU")
+_LIB.impl("int_mm", _int_mm, "CPU")
 
 
 @torch.library.register_fake("herd::matmuls")
@@ -72,8 +86,41 @@ def _(x, expert_ids, handle):
     return x.new_empty(*x.shape[:-1], _OUT[handle][0])
 
 
-def _mm(x: torch.Tensor, handle: int) -> list[torch.Tensor]:
-    return list(torch.ops.herd.matmuls(x, handle).split(_OUT[handle], dim=-1))
+@torch.library.register_fake("herd::int_mm")
+def _(xq, expert_ids, handle):
+    return xq.new_empty(xq.shape[0], sum(_OUT[handle]), dtype=torch.int32)
+
+
+class _Matmuls:
+    """One matmul call of the graph: one or more weights reading the same input, outputs side by side.
+    With `scale` (int8 weights, ``VnniWeight``) the graph quantizes the input and applies the scales itself
+    and calls herd::int_mm for the integer product alone; otherwise herd::matmuls runs the eager form."""
+
+    def __init__(self, fn, widths: list[int], scale: torch.Tensor | None = None, codes: list[torch.Tensor] | None = None):
+        self.widths, self.scale = widths, scale
+        self.handle = _register(fn if scale is None else None, widths, codes)
+
+
+def _int8_linear(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+    """``VnniWeight.linear`` written out (the same ops in the same order, so the same bits): x's rows to int8
+    with one scale each, the integer product, the input's then the weight's scales."""
+    from ..quant.kernels import quantize_rows
+
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = quantize_rows(x2, keepdim=True)
+    y = (product(xq) * xs) * scale
+    return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+
+
+def _mm(x: torch.Tensor, m: _Matmuls) -> list[torch.Tensor]:
+    if m.scale is None:
+        y = torch.ops.herd.matmuls(x, m.handle)
+    else:
+        y = _int8_linear(x, lambda xq: torch.ops.herd.int_mm(xq, _NO_EXPERT, m.handle), m.scale)
+    return list(y.split(m.widths, dim=-1))
+
+
+_NO_EXPERT = torch.zeros(1, dtype=torch.long)  # herd::int_mm's expert argument for a dense matrix
 
 
 def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -84,59 +131,85 @@ def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return torch.stack([re * c - im * s, re * s + im * c], dim=-1).flatten(3).to(x.dtype)
 
 
-def _matmul_fn(modules: list[nn.Module], dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x -> the outputs of `modules` (Linear layers reading x) side by side, through the form eager mode uses
-    for them (``layers.linears``), looked up once here instead of on every call."""
+def _plain_int8(form) -> bool:
+    """Whether a repacked form is int8 codes the graph can multiply through herd::int_mm (not prepacked for
+    oneDNN, not so tall that eager mode splits the product)."""
+    from ..quant.kernels import CHUNK_ROWS, VnniWeight
+
+    return isinstance(form, VnniWeight) and form.codes is not None and form.shape[0] <= CHUNK_ROWS
+
+
+def _matmuls(modules: list[nn.Module], dtype: torch.dtype) -> _Matmuls:
+    """The graph's call of `modules` (Linear layers reading one x) through the form eager mode uses for them
+    (``layers.linears``), looked up once here instead of on every call."""
     from ..quant.kernels import PackedBF16
     from ..quant.qtensor import QTensor
 
+    widths = [m.out_features if isinstance(m, Linear) else m.weight.shape[0] for m in modules]
     packs = [m.__dict__.get("_packed", {}).get("weight") for m in modules]
     weights = [m.weight for m in modules]
     if dtype == torch.bfloat16 and all(p is not None for p in packs):
         matrix = PackedBF16.fused_form(packs)._packed[0] if len(packs) > 1 else packs[0]._matrix(0)
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, matrix, None, "none", [], "")
+        return _Matmuls(lambda x: torch.ops.mkldnn._linear_pointwise(x, matrix, None, "none", [], ""), widths)
     if all(isinstance(w, QTensor) for w in weights) and not any(p is not None for p in packs):
         form = QTensor.fused_form(weights) if len(weights) > 1 else weights[0]._repacked(0) if weights[0]._fast_path else None
+        if _plain_int8(form):
+            return _Matmuls(None, widths, form.scale, [form._codes_t])
         if form is not None:
-            return form.linear
+            return _Matmuls(form.linear, widths)
     if len(modules) == 1:
         if isinstance(modules[0], Linear):
-            return modules[0]
-        return lambda x, w=modules[0].weight: linear(x, w)  # a router: its weight as it is
-    return lambda x: torch.cat(linears(x, modules), dim=-1)
+            return _Matmuls(modules[0], widths)
+        return _Matmuls(lambda x, w=modules[0].weight: linear(x, w), widths)  # a router: its weight as it is
+    return _Matmuls(lambda x: torch.cat(linears(x, modules), dim=-1), widths)
 
 
-def _expert_fn(experts: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """(x, e) -> routed expert e's SwiGLU of x, through the forms ``Experts.run_expert`` uses, looked up once."""
-    from ..quant.kernels import PackedBF16
-    from ..quant.qtensor import QTensor
+class _Routed:
+    """The graph's call of the routed expert, picked inside the op from the router's choice: int8 experts as
+    ``_Matmuls`` does (herd::int_mm on the chosen expert's codes, its scales indexed in the graph), any
+    other form as one herd::expert op running the forms ``Experts.run_expert`` uses, looked up once."""
 
-    n = experts.num_experts
-    packed = experts.__dict__.get("_packed")
-    if dtype == torch.bfloat16 and packed is not None and len(packed) == 3:
-        gu = [PackedBF16.fused_form([packed["gate_proj"], packed["up_proj"]], e)._packed[0] for e in range(n)]
-        down = [packed["down_proj"]._matrix(e) for e in range(n)]
-        width = experts.gate_proj.shape[1]
-        op = torch.ops.mkldnn._linear_pointwise
+    def __init__(self, experts: nn.Module, dtype: torch.dtype):
+        from ..quant.kernels import PackedBF16
+        from ..quant.qtensor import QTensor
 
-        def run_packed(x, e):
-            g, u = op(x, gu[e], None, "none", [], "").split(width, dim=-1)
-            return op(F.silu(g).mul_(u), down[e], None, "none", [], "")
+        n, hidden = experts.num_experts, experts.down_proj.shape[1]
+        self.width = experts.gate_proj.shape[1]
+        self.int8 = False
+        packed = experts.__dict__.get("_packed")
+        if dtype == torch.bfloat16 and packed is not None and len(packed) == 3:
+            gu = [PackedBF16.fused_form([packed["gate_proj"], packed["up_proj"]], e)._packed[0] for e in range(n)]
+            down = [packed["down_proj"]._matrix(e) for e in range(n)]
+            op, width = torch.ops.mkldnn._linear_pointwise, self.width
 
-        return run_packed
-    stacks = [experts.gate_proj, experts.up_proj, experts.down_proj]
-    if packed is None and all(isinstance(w, QTensor) and w._fast_path for w in stacks):
-        gu = [QTensor.fused_form(stacks[:2], e) for e in range(n)]
-        down = [stacks[2]._repacked(e) for e in range(n)]
-        if all(f is not None for f in gu + down):
-            width = stacks[0].shape[1]
+            def run_packed(x, e):
+                g, u = op(x, gu[e], None, "none", [], "").split(width, dim=-1)
+                return op(F.silu(g).mul_(u), down[e], None, "none", [], "")
 
-            def run_quantized(x, e):
-                g, u = gu[e].linear(x).split(width, dim=-1)
-                return down[e].linear(F.silu(g).mul_(u))
+            self.handle = _register(run_packed, [hidden])
+            return
+        stacks = [experts.gate_proj, experts.up_proj, experts.down_proj]
+        if packed is None and all(isinstance(w, QTensor) and w._fast_path for w in stacks):
+            gu = [QTensor.fused_form(stacks[:2], e) for e in range(n)]
+            down = [stacks[2]._repacked(e) for e in range(n)]
+            if all(_plain_int8(f) for f in gu + down):
+                self.int8 = True
+                self.gate_up = _register(None, [2 * self.width], [f._codes_t for f in gu])
+                self.down = _register(None, [hidden], [f._codes_t for f in down])
+                # [E, N] copies of the experts' row scales (small next to the codes), for indexing in the graph
+                self.gate_up_scale = torch.stack([f.scale for f in gu])
+                self.down_scale = torch.stack([f.scale for f in down])
+                return
+        self.handle = _register(lambda x, e: experts.run_expert(e, x), [hidden])
 
-            return run_quantized
-    return lambda x, e: experts.run_expert(e, x)
+
+def _routed(r: _Routed, x: torch.Tensor, top_id: torch.Tensor) -> torch.Tensor:
+    if not r.int8:
+        return torch.ops.herd.expert(x, top_id, r.handle)
+    ids = top_id.reshape(-1)
+    gu = _int8_linear(x, lambda xq: torch.ops.herd.int_mm(xq, top_id, r.gate_up), r.gate_up_scale[ids])
+    g, u = gu.split(r.width, dim=-1)
+    return _int8_linear(F.silu(g).mul_(u), lambda xq: torch.ops.herd.int_mm(xq, top_id, r.down), r.down_scale[ids])
 
 
 class _LayerPlan:
@@ -147,20 +220,20 @@ class _LayerPlan:
         self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.cache_limit = attn.chunk  # chunked layers keep a ring of `chunk` slots (runtime.cache)
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-        self.qkv = _register(_matmul_fn(qkv, dtype), [m.out_features for m in qkv])
-        self.o = _register(_matmul_fn([attn.o_proj], dtype), [attn.o_proj.out_features])
+        self.qkv = _matmuls(qkv, dtype)
+        self.o = _matmuls([attn.o_proj], dtype)
         ff = layer.feed_forward
         self.is_moe = layer.is_moe
         if self.is_moe:
             router, experts = ff.router, ff.experts
-            self.router = _register(_matmul_fn([router], dtype), [router.weight.shape[0]])
-            self.expert = _register(_expert_fn(experts, dtype), [experts.down_proj.shape[1]])
+            self.router = _matmuls([router], dtype)
+            self.expert = _Routed(experts, dtype)
             dense = ff.shared_expert
         else:
             dense = ff
         gu = [dense.gate_proj, dense.up_proj]
-        self.gate_up = _register(_matmul_fn(gu, dtype), [m.out_features for m in gu])
-        self.down = _register(_matmul_fn([dense.down_proj], dtype), [dense.down_proj.out_features])
+        self.gate_up = _matmuls(gu, dtype)
+        self.down = _matmuls([dense.down_proj], dtype)
 
 
 def _attention(p: _LayerPlan, h, positions, rot, k_cache, v_cache, pos_cache, slots):
@@ -187,7 +260,7 @@ def _feed_forward(p: _LayerPlan, h):
     logits = _mm(flat, p.router)[0]
     top_val, top_id = torch.topk(logits, 1, dim=-1)
     score = torch.sigmoid(top_val.float()).to(h.dtype)
-    routed = torch.ops.herd.expert(flat * score, top_id, p.expert)
+    routed = _routed(p.expert, flat * score, top_id)
     return (dense.reshape(flat.shape) + routed).view(h.shape)
 
 
@@ -231,10 +304,10 @@ class DecodeStep:
     def __init__(self, model: nn.Module):
         self.model = model
         dtype = model.model.embed_tokens.dtype  # the activations' (and the KV cache's)
-        before = set(_CALLS)
+        before = set(_OUT)
         self.plans = [_LayerPlan(layer, dtype) for layer in model.model.layers]
-        self.head = _register(_matmul_fn([model.lm_head], dtype), [model.lm_head.out_features])
-        self._handles = sorted(set(_CALLS) - before)
+        self.head = _matmuls([model.lm_head], dtype)
+        self._handles = sorted(set(_OUT) - before)
         # what the graph and its matmul forms assume, checked on every call: the same modules (no adapter
         # swapped in), no hooks (observers must see eager calls), the same weight objects
         self._watched = [(parent._modules, name, child, child._forward_hooks, child._forward_pre_hooks,
@@ -251,6 +324,7 @@ class DecodeStep:
         """Forget this step's matmul forms (the model then decodes eagerly)."""
         for h in self._handles:
             _CALLS.pop(h, None)
+            _CODES.pop(h, None)
             _OUT.pop(h, None)
         self.model.__dict__.pop("_decode_step", None)
 

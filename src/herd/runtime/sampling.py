@@ -96,8 +96,12 @@ class SamplingParams:
 
 
 def greedy(logits: torch.Tensor) -> int:
-    """Index of the largest of 1-D `logits` (the first on ties, as argmax): ``max`` over a dimension runs
-    ~2-4x faster than ``argmax`` on a 202k vocabulary, which is a measurable part of a decode step."""
+    """Index of the largest of 1-D `logits` (the first on ties, as argmax). On a CPU float32 vector this is
+    numpy's argmax (bf16/f16 widened to float32 first, exactly): its SIMD loop takes ~16 us on a 202k
+    vocabulary where torch's ``max(dim)`` takes ~0.4 ms and ``argmax`` ~0.6 ms, a measurable part of a
+    decode step. A NaN counts as the largest in both."""
+    if logits.device.type == "cpu" and logits.dim() == 1 and logits.is_floating_point():
+        return int(logits.detach().float().numpy().argmax())
     return int(logits.max(dim=-1).indices)
 
 
