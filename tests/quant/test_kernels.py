@@ -170,15 +170,16 @@ def test_vnni_fused_parts_are_views_of_the_fused_matrix():
     """q/k/v fused into one int8 matrix keep no second copy: each part's codes and scales are views of the
     fused ones, and a part called alone (a hooked module) gives exactly its columns of the fused result."""
     parts = [kernels.VnniWeight(_qt((n, 256), "Q4_K", seed=n).dequantize()) for n in (32, 16, 16)]
-    alone = [p.linear(torch.randn(1, 256)) for p in parts]  # built before fusing: same codes after
-    fused = kernels.VnniWeight.fuse(parts)
     x = torch.randn(6, 256)
+    alone = [p.linear(x) for p in parts]  # before fusing
+    fused = kernels.VnniWeight.fuse(parts)
     full = fused.linear(x)
     start = 0
     for p, before in zip(parts, alone):
         n = p.shape[0]
         assert p.codes.untyped_storage().data_ptr() == fused.codes.untyped_storage().data_ptr()
-        assert torch.equal(p.linear(x), full[:, start : start + n]) and before.shape == (1, n)
+        assert p.scale.untyped_storage().data_ptr() == fused.scale.untyped_storage().data_ptr()
+        assert torch.equal(p.linear(x), full[:, start : start + n]) and torch.equal(before, full[:, start : start + n])
         start += n
 
 

@@ -358,6 +358,14 @@ def quantize_rows(x: torch.Tensor, keepdim: bool = False) -> tuple[torch.Tensor,
     return codes, scale if keepdim else scale[:, 0]
 
 
+def rescale(product: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Integer products [M, N] (int32, or already float32) -> the matmul's output in `dtype`: times the input
+    rows' scales [M, 1], then the weight rows' [N]. The compiled decode step calls this too, so both modes
+    round in the same order (the same bits)."""
+    y = (product * x_scale).mul_(w_scale)  # int32 * float32 -> float32
+    return y if dtype == torch.float32 else y.to(dtype)
+
+
 class QuantizedInput:
     """A matmul input quantized once (quantize_rows) for every VnniWeight that reads it (q/k/v, gate/up)."""
 
@@ -441,16 +449,12 @@ class VnniWeight:
         q = x if isinstance(x, QuantizedInput) else QuantizedInput(x)
         n = self.shape[0]
         if n <= CHUNK_ROWS:
-            y = torch._int_mm(q.codes, self._codes_t) * q.scale  # int32 * float32 -> float32
+            y = torch._int_mm(q.codes, self._codes_t)
         else:
             y = torch.empty(q.codes.shape[0], n, dtype=torch.float32)
             for i in range(0, n, CHUNK_ROWS):
                 y[:, i : i + CHUNK_ROWS] = torch._int_mm(q.codes, self._codes_t[:, i : i + CHUNK_ROWS])
-            y.mul_(q.scale)
-        y.mul_(self.scale)
-        if q.dtype != torch.float32:
-            y = y.to(q.dtype)
-        return y.view(*q.lead, n)
+        return rescale(y, q.scale, self.scale, q.dtype).view(*q.lead, n)
 
     @property
     def nbytes(self) -> int:

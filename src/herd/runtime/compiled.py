@@ -98,18 +98,17 @@ class _Matmuls:
 
     def __init__(self, fn, widths: list[int], scale: torch.Tensor | None = None, codes: list[torch.Tensor] | None = None):
         self.widths, self.scale = widths, scale
-        self.handle = _register(fn if scale is None else None, widths, codes)
+        self.handle = _register(fn, widths, codes)
 
 
 def _int8_linear(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
-    """``VnniWeight.linear`` written out (the same ops in the same order, so the same bits): x's rows to int8
-    with one scale each, the integer product, the input's then the weight's scales."""
-    from ..quant.kernels import quantize_rows
+    """``VnniWeight.linear`` in the graph, with its own pieces (so the same bits): x's rows to int8 with one
+    scale each (``quantize_rows``), the integer product (`product`: a herd::int_mm call), ``rescale``."""
+    from ..quant.kernels import quantize_rows, rescale
 
-    x2 = x.reshape(-1, x.shape[-1])
-    xq, xs = quantize_rows(x2, keepdim=True)
-    y = (product(xq) * xs) * scale
-    return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+    xq, xs = quantize_rows(x.reshape(-1, x.shape[-1]), keepdim=True)
+    y = rescale(product(xq), xs, scale, x.dtype)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _mm(x: torch.Tensor, m: _Matmuls) -> list[torch.Tensor]:
