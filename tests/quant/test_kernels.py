@@ -4,6 +4,8 @@ selection, and a whole tiny GGUF model with the fast paths on and off. No timing
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -298,3 +300,98 @@ def test_compact_mode_keeps_4_bit_types_4_bit(monkeypatch):
         assert kernels.path_for(q, (64, 256)) == "int4"
     for q in INT4X2 + INT8:
         assert kernels.path_for(q, (64, 256)) == "vnni"
+
+
+def _resident_fraction(t: torch.Tensor) -> float:
+    """Share of the 4 KiB pages under `t` that are in memory and mapped (mincore)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    page = 4096
+    start = t.data_ptr() // page * page
+    length = t.data_ptr() + t.numel() * t.element_size() - start
+    n = -(-length // page)
+    vec = (ctypes.c_ubyte * n)()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) / n
+
+
+def test_populate_pages_reads_a_mapped_table_in(tmp_path):
+    """An embedding table in a memory-mapped file: after populate_pages every page under it is resident
+    (a row looked up mid-decode no longer waits for the disk), and its values are untouched."""
+    import numpy as np
+
+    values = np.random.default_rng(0).standard_normal(3 << 18).astype(np.float32)  # 3 MiB
+    path = tmp_path / "table.bin"
+    values.tofile(path)
+    _evict(path)
+    table = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c")).view(-1, 1024)
+    assert _resident_fraction(table) < 0.5
+    assert kernels.populate_pages(table) is True  # MADV_POPULATE_READ (Linux 5.14+)
+    assert _resident_fraction(table) == 1.0
+    assert torch.equal(table.flatten(), torch.from_numpy(values))
+
+
+def _evict(path) -> None:
+    """Drop a file from the page cache, as a file not read since boot is."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # written back first: dirty pages stay cached
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_select_paths_reads_embedding_tables_in(tiny_gguf, monkeypatch):
+    """Loading a model hands its embedding table (and no matmul weight) to populate_pages."""
+    import herd
+
+    seen = []
+    monkeypatch.setattr(kernels, "populate_pages", lambda t: seen.append(t.data_ptr()) or True)
+    llm = herd.load(tiny_gguf)
+    assert seen == [llm.model.model.embed_tokens.weight.data.data_ptr()]
+
+
+def _huge_kib_at(address: int) -> int:
+    """AnonHugePages of the mapping holding `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return 0
+
+
+def _thp_available() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def test_huge_pages_keep_values_and_results():
+    """MADV_COLLAPSE moves a weight into 2 MiB pages (where the kernel has THP): the bytes, and a packed
+    bf16 matmul's results, stay the same; small tensors and None are accepted and left as they are."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (4096, 2048), dtype=torch.int8, generator=g)  # 8 MiB: >= 3 whole huge pages
+    before = codes.clone()
+    kernels.huge_pages(codes)
+    assert torch.equal(codes, before)
+    if _thp_available():
+        assert _huge_kib_at(codes.data_ptr() + (4 << 20)) >= 2048
+    small = torch.randn(16, 16)
+    kernels.huge_pages(small)
+    kernels.huge_pages(None)
+    if kernels.has_bf16_dot():
+        w = (0.05 * torch.randn(2048, 1024, generator=g)).bfloat16()
+        x = torch.randn(1, 1024, generator=g).bfloat16()
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        want = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        kernels.huge_pages(packed)
+        assert torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), want)
+        assert torch.equal(want, torch.nn.functional.linear(x, w))

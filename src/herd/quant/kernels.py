@@ -397,6 +397,7 @@ class VnniWeight:
         """Rows of `parts` stacked into one matrix."""
         w = _rows_stacked(cls, parts, [p.plain_codes() for p in parts])
         w._codes_t = w.codes.t()
+        huge_pages(w.codes)
         return w
 
     @classmethod
@@ -483,6 +484,7 @@ class PackedBF16:
                 if packed is None:
                     w = self.weight[expert] if self.weight.dim() == 3 else self.weight
                     packed = self._packed[expert] = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 1)
+                    huge_pages(packed)
                     release_pages(w)  # a memory-mapped (GGUF) weight's pages: the packed copy serves matmuls
         return packed
 
@@ -608,6 +610,53 @@ def release_pages(t: torch.Tensor) -> None:
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 21)  # MADV_PAGEOUT; errors ignored
 
 
+_HUGE = 2 << 20  # x86-64's transparent huge page
+
+
+def huge_pages(t: torch.Tensor | None) -> None:
+    """Back a long-lived repacked weight with 2 MiB pages (MADV_HUGEPAGE, then MADV_COLLAPSE, Linux 6.1+: a
+    synchronous copy into huge pages, ~0.5 GB/s). Streaming a matrix then takes a TLB entry per 2 MiB, not per
+    4 KiB: measured on the AVX-512 bench machine, a 202k x 1024 bf16 GEMV 3-5% faster, a float32 sum 6-12%.
+    Only the 2 MiB-aligned interior of `t` is advised; any error (older kernel, THP off) leaves it as it was.
+    ``HERD_HUGE_PAGES=0`` turns it off."""
+    libc = _c_library()
+    if not libc or t is None or not _huge_pages_on:
+        return
+    if t.layout == torch._mkldnn:  # oneDNN's opaque layouts (prepacked bf16 and int8 weights)
+        start, nbytes = torch.ops.mkldnn.data_ptr(t), torch.ops.mkldnn._nbytes(t)
+    else:
+        start, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    first, last = -(-start // _HUGE) * _HUGE, (start + nbytes) // _HUGE * _HUGE
+    if last > first:
+        import ctypes
+
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 14)  # MADV_HUGEPAGE
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 25)  # MADV_COLLAPSE
+
+
+_huge_pages_on = os.environ.get("HERD_HUGE_PAGES", "1").lower() not in ("0", "false", "no", "off")
+
+
+def populate_pages(t: torch.Tensor) -> bool:
+    """Read the memory-mapped pages under `t` in now and map them (MADV_POPULATE_READ, Linux 5.14+; else
+    MADV_WILLNEED, a read-ahead hint): an embedding table, whose rows are looked up one per decoded token, at
+    random. A row whose page is not yet in memory costs a disk read in the middle of a step (measured on the
+    BF16 bench model: 0.2-2 ms per new token, 1-7% of a step); llama.cpp reads the whole file at load for the
+    same reason. -> whether the pages are now mapped (False: only hinted, or no glibc)."""
+    libc = _c_library()
+    if not libc or t.numel() == 0:
+        return False
+    import ctypes
+
+    page = 4096
+    start = t.data_ptr() // page * page
+    length = t.data_ptr() + t.numel() * t.element_size() - start
+    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 22) == 0:  # MADV_POPULATE_READ
+        return True
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 3)  # MADV_WILLNEED
+    return False
+
+
 def build(path: str, blocks: torch.Tensor, qtype, shape: tuple[int, int]):
     """The repacked form of one [out, in] matrix given its GGUF blocks [out, row_bytes]."""
     _c_library()
@@ -626,6 +675,7 @@ def build(path: str, blocks: torch.Tensor, qtype, shape: tuple[int, int]):
                 formats.dequantize(blocks[i : i + rows], qtype, (rows, shape[1])))
         w._codes_t = w.codes.t()
         w.maybe_prepack()
+        huge_pages(w.codes if w.codes is not None else w._qpacked)
         return w
     if path == "int8":
         parts = [Int8Weight(formats.dequantize(blocks[i : i + BUILD_ROWS], qtype, (min(BUILD_ROWS, shape[0] - i), shape[1])))
@@ -636,7 +686,8 @@ def build(path: str, blocks: torch.Tensor, qtype, shape: tuple[int, int]):
 
 def select_paths(model: torch.nn.Module, eager: bool = False, progress: bool = False) -> dict[str, int]:
     """Give every quantized weight of `model` its path (repacked lazily on first use, or now if `eager`);
-    -> how many weights took each path. Does nothing while the fast paths are disabled."""
+    -> how many weights took each path. Does nothing while the fast paths are disabled, but read embedding
+    tables in (``populate_pages``)."""
     from .qtensor import QTensor
 
     from ..model.layers import Embedding
@@ -646,6 +697,9 @@ def select_paths(model: torch.nn.Module, eager: bool = False, progress: bool = F
     matmul = {id(w) for m in model.modules() if not isinstance(m, Embedding) for w in vars(m).values()}
     weights = [w for m in model.modules() for w in vars(m).values()
                if isinstance(w, QTensor) and (id(w) not in lookups_only or id(w) in matmul)]
+    for m in model.modules():  # tables read a row per token: in memory before the first step needs one
+        if isinstance(m, Embedding) and id(m.weight) not in matmul:
+            populate_pages(m.weight.data)
     counts: dict[str, int] = {}
     if not _enabled:
         return counts
@@ -680,5 +734,5 @@ def select_paths(model: torch.nn.Module, eager: bool = False, progress: bool = F
                     pack.prepare()
     return counts
 
-__all__ = ["PATHS", "SMALL_BATCH", "Int4Weight", "Int8Weight", "VnniWeight", "QuantizedInput", "has_int8_dot", "quantize_rows", "exact", "release_pages", "PackedBF16", "has_bf16_dot", "prepare_fused", "shared_input_groups", "enabled", "set_enabled", "path_for",
+__all__ = ["PATHS", "SMALL_BATCH", "Int4Weight", "Int8Weight", "VnniWeight", "QuantizedInput", "has_int8_dot", "quantize_rows", "exact", "release_pages", "populate_pages", "huge_pages", "PackedBF16", "has_bf16_dot", "prepare_fused", "shared_input_groups", "enabled", "set_enabled", "path_for",
            "affine_parts", "build", "select_paths"]
