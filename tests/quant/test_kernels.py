@@ -395,3 +395,16 @@ def test_huge_pages_keep_values_and_results():
         kernels.huge_pages(packed)
         assert torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), want)
         assert torch.equal(want, torch.nn.functional.linear(x, w))
+
+
+def test_huge_empty_is_aligned_and_faults_in_huge_pages():
+    t = kernels.huge_empty((3072, 4096), torch.int8)  # 12 MiB
+    assert t.shape == (3072, 4096) and t.dtype == torch.int8 and t.is_contiguous()
+    assert t.data_ptr() % (2 << 20) == 0
+    t.fill_(7)
+    assert int(t.sum()) == 7 * t.numel()
+    if _thp_available():
+        assert _huge_kib_at(t.data_ptr()) >= 8 << 10  # the whole 2 MiB pages inside: at least 8 of its 12 MiB
+    small = kernels.huge_empty((16, 16), torch.float32)  # below two huge pages: a plain tensor
+    assert small.shape == (16, 16) and small.dtype == torch.float32
+

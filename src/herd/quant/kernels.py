@@ -49,6 +49,7 @@ Switch every fast path off with ``HERD_FAST_KERNELS=0`` (or ``set_enabled(False)
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 
@@ -298,7 +299,8 @@ def _rows_stacked(cls, parts, codes=None):
     parts' codes where they are not plain ``p.codes``)."""
     w = cls.__new__(cls)
     w.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
-    w.codes = torch.cat(codes if codes is not None else [p.codes for p in parts])
+    codes = codes if codes is not None else [p.codes for p in parts]
+    w.codes = torch.cat(codes, out=huge_empty((w.shape[0], *codes[0].shape[1:]), codes[0].dtype))
     w.scale = torch.cat([p.scale for p in parts])
     return w
 
@@ -634,6 +636,24 @@ def huge_pages(t: torch.Tensor | None) -> None:
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 25)  # MADV_COLLAPSE
 
 
+def huge_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty(shape, dtype) for a long-lived weight that herd fills itself, placed at a 2 MiB boundary
+    and advised MADV_HUGEPAGE before its first write: every whole 2 MiB of it then faults in as one huge
+    page (no copy, unlike ``huge_pages`` on memory already written). The slack before the boundary is never
+    touched, so it costs address space, not memory."""
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    libc = _c_library()
+    if not libc or not _huge_pages_on or nbytes < 2 * _HUGE:
+        return torch.empty(shape, dtype=dtype)
+    import ctypes
+
+    raw = torch.empty(nbytes + _HUGE, dtype=torch.uint8)
+    skip = -raw.data_ptr() % _HUGE
+    t = raw[skip : skip + nbytes].view(dtype).view(shape)
+    libc.madvise(ctypes.c_void_p(t.data_ptr()), ctypes.c_size_t(nbytes // _HUGE * _HUGE), 14)  # MADV_HUGEPAGE
+    return t
+
+
 _huge_pages_on = os.environ.get("HERD_HUGE_PAGES", "1").lower() not in ("0", "false", "no", "off")
 
 
@@ -668,7 +688,7 @@ def build(path: str, blocks: torch.Tensor, qtype, shape: tuple[int, int]):
     if path == "vnni":  # filled slab by slab in place: no second copy of a 202k-row head while building
         w = VnniWeight.__new__(VnniWeight)
         w.shape = tuple(shape)
-        w.codes, w.scale = torch.empty(shape, dtype=torch.int8), torch.empty(shape[0], dtype=torch.float32)
+        w.codes, w.scale = huge_empty(shape, torch.int8), torch.empty(shape[0], dtype=torch.float32)
         for i in range(0, shape[0], BUILD_ROWS):
             rows = min(BUILD_ROWS, shape[0] - i)
             w.codes[i : i + rows], w.scale[i : i + rows] = quantize_rows(
