@@ -399,7 +399,6 @@ class VnniWeight:
         """Rows of `parts` stacked into one matrix."""
         w = _rows_stacked(cls, parts, [p.plain_codes() for p in parts])
         w._codes_t = w.codes.t()
-        huge_pages(w.codes)
         return w
 
     @classmethod
@@ -598,23 +597,39 @@ def _c_library():
     return _libc
 
 
+_PAGE, _HUGE = 4096, 2 << 20  # x86-64's base page and transparent huge page
+_huge_pages_on = os.environ.get("HERD_HUGE_PAGES", "1").lower() not in ("0", "false", "no", "off")
+
+
+def _madvise(start: int, end: int, advice: int, align: int = _PAGE, outward: bool = False) -> bool:
+    """madvise over the `align`-sized pages inside [start, end) (or, `outward`, touching it); -> whether it
+    succeeded (False also when there is no glibc or no whole page). Errors are the caller's to ignore."""
+    libc = _c_library()
+    if outward:
+        first, last = start // align * align, -(-end // align) * align
+    else:
+        first, last = -(-start // align) * align, end // align * align
+    if not libc or last <= first:
+        return False
+    import ctypes
+
+    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice) == 0
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[start, end) addresses of t's bytes; oneDNN's opaque layouts (prepacked weights) included."""
+    if t.layout == torch._mkldnn:
+        start = torch.ops.mkldnn.data_ptr(t)
+        return start, start + torch.ops.mkldnn._nbytes(t)
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+
 def release_pages(t: torch.Tensor) -> None:
     """Tell the kernel the memory-mapped pages under `t` are not needed soon (MADV_PAGEOUT, Linux 5.4+): a
     weight's GGUF blocks once its repacked form exists. Clean file pages are dropped and read again if the
     blocks are used later (exact decoding); anonymous memory is never discarded, so this is always safe."""
-    libc = _c_library()
-    if not libc or t.numel() == 0:
-        return
-    page = 4096
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    first, last = -(-start // page) * page, end // page * page  # whole pages inside t only
-    if last > first:
-        import ctypes
-
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 21)  # MADV_PAGEOUT; errors ignored
-
-
-_HUGE = 2 << 20  # x86-64's transparent huge page
+    if t.numel():
+        _madvise(*_span(t), 21)  # MADV_PAGEOUT, whole pages inside t only; errors ignored
 
 
 def huge_pages(t: torch.Tensor | None) -> None:
@@ -622,20 +637,13 @@ def huge_pages(t: torch.Tensor | None) -> None:
     synchronous copy into huge pages, ~0.5 GB/s). Streaming a matrix then takes a TLB entry per 2 MiB, not per
     4 KiB: measured on the AVX-512 bench machine, a 202k x 1024 bf16 GEMV 3-5% faster, a float32 sum 6-12%.
     Only the 2 MiB-aligned interior of `t` is advised; any error (older kernel, THP off) leaves it as it was.
-    ``HERD_HUGE_PAGES=0`` turns it off."""
-    libc = _c_library()
-    if not libc or t is None or not _huge_pages_on:
+    For memory herd fills itself, ``huge_empty`` gets the same without the copy. ``HERD_HUGE_PAGES=0`` turns
+    it off."""
+    if t is None or not _huge_pages_on:
         return
-    if t.layout == torch._mkldnn:  # oneDNN's opaque layouts (prepacked bf16 and int8 weights)
-        start, nbytes = torch.ops.mkldnn.data_ptr(t), torch.ops.mkldnn._nbytes(t)
-    else:
-        start, nbytes = t.data_ptr(), t.numel() * t.element_size()
-    first, last = -(-start // _HUGE) * _HUGE, (start + nbytes) // _HUGE * _HUGE
-    if last > first:
-        import ctypes
-
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 14)  # MADV_HUGEPAGE
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 25)  # MADV_COLLAPSE
+    span = _span(t)
+    _madvise(*span, 14, _HUGE)  # MADV_HUGEPAGE
+    _madvise(*span, 25, _HUGE)  # MADV_COLLAPSE
 
 
 def huge_empty(shape, dtype: torch.dtype) -> torch.Tensor:
@@ -643,20 +651,14 @@ def huge_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     and advised MADV_HUGEPAGE before its first write: every whole 2 MiB of it then faults in as one huge
     page (no copy, unlike ``huge_pages`` on memory already written). The slack before the boundary is never
     touched, so it costs address space, not memory."""
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-    libc = _c_library()
-    if not libc or not _huge_pages_on or nbytes < 2 * _HUGE:
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not _c_library() or not _huge_pages_on or nbytes < _HUGE:
         return torch.empty(shape, dtype=dtype)
-    import ctypes
-
     raw = torch.empty(nbytes + _HUGE, dtype=torch.uint8)
     skip = -raw.data_ptr() % _HUGE
     t = raw[skip : skip + nbytes].view(dtype).view(shape)
-    libc.madvise(ctypes.c_void_p(t.data_ptr()), ctypes.c_size_t(nbytes // _HUGE * _HUGE), 14)  # MADV_HUGEPAGE
+    _madvise(*_span(t), 14, _HUGE)  # MADV_HUGEPAGE
     return t
-
-
-_huge_pages_on = os.environ.get("HERD_HUGE_PAGES", "1").lower() not in ("0", "false", "no", "off")
 
 
 def populate_pages(t: torch.Tensor) -> bool:
@@ -665,17 +667,12 @@ def populate_pages(t: torch.Tensor) -> bool:
     random. A row whose page is not yet in memory costs a disk read in the middle of a step (measured on the
     BF16 bench model: 0.2-2 ms per new token, 1-7% of a step); llama.cpp reads the whole file at load for the
     same reason. -> whether the pages are now mapped (False: only hinted, or no glibc)."""
-    libc = _c_library()
-    if not libc or t.numel() == 0:
+    if t.numel() == 0:
         return False
-    import ctypes
-
-    page = 4096
-    start = t.data_ptr() // page * page
-    length = t.data_ptr() + t.numel() * t.element_size() - start
-    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 22) == 0:  # MADV_POPULATE_READ
+    span = _span(t)
+    if _madvise(*span, 22, outward=True):  # MADV_POPULATE_READ
         return True
-    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 3)  # MADV_WILLNEED
+    _madvise(*span, 3, outward=True)  # MADV_WILLNEED
     return False
 
 
@@ -697,7 +694,7 @@ def build(path: str, blocks: torch.Tensor, qtype, shape: tuple[int, int]):
                 formats.dequantize(blocks[i : i + rows], qtype, (rows, shape[1])))
         w._codes_t = w.codes.t()
         w.maybe_prepack()
-        huge_pages(w.codes if w.codes is not None else w._qpacked)
+        huge_pages(w._qpacked)  # oneDNN's copy of a tall matrix (its plain codes came from huge_empty)
         return w
     if path == "int8":
         parts = [Int8Weight(formats.dequantize(blocks[i : i + BUILD_ROWS], qtype, (min(BUILD_ROWS, shape[0] - i), shape[1])))
