@@ -1,12 +1,17 @@
-"""One compiled graph per decode step (batch 1, one new token), with the matmuls left to herd's kernels.
+"""One compiled graph per decode step (batch 1, one new token).
 
 At one token per step the matmuls are a fraction of the time: each layer also runs ~60 small eager ops
 (norms, RoPE, masks, KV stores, residuals, routing), each costing microseconds of dispatch. ``torch.compile``
-fuses those into a few generated C++ loops. The matmuls stay opaque to the compiler: every weight, dense or
-quantized, runs through the same code as in eager mode (``layers.linears``, ``Experts.run_expert``), called
-from the graph as a custom op that names the module by a number. Inductor thus never sees the weights (it
-cannot lower oneDNN's prepacked ones), and the routed expert is picked inside the op from the router's
-output, so the graph does not depend on which expert a token chose.
+fuses those into a few generated C++ loops.
+
+Dense bfloat16 weights are multiplied by the graph itself (``_gemv``: one streaming loop per product, no
+per-call cost, the routed expert's rows read by index), and one query's attention is the graph's own
+float32 loops (``_one_query_attention``); both beat the library calls they replace at one row (figures at
+``GRAPH_GEMV`` and ``_gemv``). Every other weight stays opaque to the compiler: quantized ones run through
+the same code as in eager mode (``layers.linears``, ``Experts.run_expert``), called from the graph as a
+custom op that names the module by a number (inductor cannot lower oneDNN's prepacked weights), and the
+routed expert is picked inside the op from the router's output, so the graph does not depend on which
+expert a token chose.
 
 Off by default; ``compile_decode(model)`` (``herd run/serve/bench --compile``, ``HERD_COMPILE=1``) turns it
 on. Steps it does not cover (several rows or tokens, hooks, adapters, training) run eagerly as before.
@@ -93,11 +98,13 @@ def _(xq, expert_ids, handle):
 
 class _Matmuls:
     """One matmul call of the graph: one or more weights reading the same input, outputs side by side.
-    With `scale` (int8 weights, ``VnniWeight``) the graph quantizes the input and applies the scales itself
-    and calls herd::int_mm for the integer product alone; otherwise herd::matmuls runs the eager form."""
+    With `dense` (bfloat16 weights, the parts' rows stacked) the graph computes the product itself
+    (``_gemv``); with `scale` (int8 weights, ``VnniWeight``) it quantizes the input and applies the scales
+    itself and calls herd::int_mm for the integer product alone; otherwise herd::matmuls runs the eager form."""
 
-    def __init__(self, fn, widths: list[int], scale: torch.Tensor | None = None, codes: list[torch.Tensor] | None = None):
-        self.widths, self.scale = widths, scale
+    def __init__(self, fn, widths: list[int], scale: torch.Tensor | None = None, codes: list[torch.Tensor] | None = None,
+                 dense: torch.Tensor | None = None):
+        self.widths, self.scale, self.dense = widths, scale, dense
         self.handle = _register(fn, widths, codes)
 
 
@@ -111,8 +118,23 @@ def _int8_linear(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (one row) times a bfloat16 w [N, K] (or [1, N, K]: an expert picked by index) -> [..., N]:
+    each output a float32 dot product of the bfloat16 values, rounded once to x's dtype, as oneDNN's bf16
+    matmul computes it (up to the order of the float32 sum). Written as the product and sum it is, inductor
+    makes one loop of it that streams w at ~93% of a float32 sum's rate on the bench machines; oneDNN's
+    call costs ~15-24 us beyond its streaming and runs the 202k-row head at ~70% (benchmarks/RESULTS.md)."""
+    # x goes to memory first: inductor would otherwise inline the ops producing it (norms, SwiGLU, an
+    # embedding lookup) into the loop, recomputing them for every one of w's rows
+    row = torch.ops.prims.inductor_force_stride_order(x.reshape(-1), (1,))
+    y = (w.float() * row.float()).sum(-1)
+    return y.to(x.dtype).view(*x.shape[:-1], w.shape[-2])
+
+
 def _mm(x: torch.Tensor, m: _Matmuls) -> list[torch.Tensor]:
-    if m.scale is None:
+    if m.dense is not None:
+        y = _gemv(x, m.dense)
+    elif m.scale is None:
         y = torch.ops.herd.matmuls(x, m.handle)
     else:
         y = _int8_linear(x, lambda xq: torch.ops.herd.int_mm(xq, _NO_EXPERT, m.handle), m.scale)
@@ -120,6 +142,25 @@ def _mm(x: torch.Tensor, m: _Matmuls) -> list[torch.Tensor]:
 
 
 _NO_EXPERT = torch.zeros(1, dtype=torch.long)  # herd::int_mm's expert argument for a dense matrix
+
+# bfloat16 weights multiplied in the graph (``_gemv``) rather than by oneDNN calls (measured on the BF16
+# bench model, AVX-512 BF16, 2 threads, one process: 18.8 vs 26.4 ms per step); HERD_GRAPH_GEMV=0 keeps the
+# oneDNN calls. With it, the compiled step keeps one row-major copy of those weights, which eager calls
+# share (``PackedBF16.use_plain``)
+GRAPH_GEMV = os.environ.get("HERD_GRAPH_GEMV", "1").lower() not in ("0", "false", "no", "off")
+
+
+def _stacked(weights: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """The weights concatenated along `dim` (rows of [N, K] matrices, or of each expert of [E, N, K] stacks)
+    into a row-major bfloat16 copy on 2 MiB pages, which the graph streams."""
+    from ..quant.kernels import huge_empty, release_pages
+
+    shape = list(weights[0].shape)
+    shape[dim] = sum(w.shape[dim] for w in weights)
+    out = torch.cat([w.detach() for w in weights], dim=dim, out=huge_empty(tuple(shape), torch.bfloat16))
+    for w in weights:
+        release_pages(w)  # a memory-mapped (GGUF) weight's pages, read again for the copy
+    return out
 
 
 def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -147,6 +188,10 @@ def _matmuls(modules: list[nn.Module], dtype: torch.dtype) -> _Matmuls:
     widths = [m.out_features if isinstance(m, Linear) else m.weight.shape[0] for m in modules]
     packs = [m.__dict__.get("_packed", {}).get("weight") for m in modules]
     weights = [m.weight for m in modules]
+    if dtype == torch.bfloat16 and all(p is not None for p in packs) and GRAPH_GEMV:
+        dense = _stacked([p.weight for p in packs])
+        PackedBF16.use_plain(packs, dense)  # eager calls (several rows) read the same copy
+        return _Matmuls(None, widths, dense=dense)
     if dtype == torch.bfloat16 and all(p is not None for p in packs):
         matrix = PackedBF16.fused_form(packs)._packed[0] if len(packs) > 1 else packs[0]._matrix(0)
         return _Matmuls(lambda x: torch.ops.mkldnn._linear_pointwise(x, matrix, None, "none", [], ""), widths)
@@ -176,6 +221,15 @@ class _Routed:
         self.width = experts.gate_proj.shape[1]
         self.int8 = False
         packed = experts.__dict__.get("_packed")
+        self.gate_up_dense = None
+        if dtype == torch.bfloat16 and packed is not None and len(packed) == 3 and GRAPH_GEMV:
+            gate_up, down = [packed["gate_proj"], packed["up_proj"]], packed["down_proj"]
+            self.gate_up_dense = _stacked([p.weight for p in gate_up], dim=1)
+            self.down_dense = _stacked([down.weight])
+            for e in range(n):  # eager calls (prefill's token groups) read the same copies
+                PackedBF16.use_plain(gate_up, self.gate_up_dense[e], e)
+                PackedBF16.use_plain([down], self.down_dense[e], e)
+            return
         if dtype == torch.bfloat16 and packed is not None and len(packed) == 3:
             gu = [PackedBF16.fused_form([packed["gate_proj"], packed["up_proj"]], e)._packed[0] for e in range(n)]
             down = [packed["down_proj"]._matrix(e) for e in range(n)]
@@ -203,6 +257,10 @@ class _Routed:
 
 
 def _routed(r: _Routed, x: torch.Tensor, top_id: torch.Tensor) -> torch.Tensor:
+    if r.gate_up_dense is not None:  # the chosen expert's rows, read by index inside the product's loop
+        ids = top_id.reshape(-1)
+        g, u = _gemv(x, r.gate_up_dense[ids]).split(r.width, dim=-1)
+        return _gemv(F.silu(g).mul_(u), r.down_dense[ids])
     if not r.int8:
         return torch.ops.herd.expert(x, top_id, r.handle)
     ids = top_id.reshape(-1)
@@ -216,6 +274,7 @@ class _LayerPlan:
 
     def __init__(self, layer: nn.Module, dtype: torch.dtype):
         attn = self.attn = layer.self_attn
+        self.graph_attention = GRAPH_ATTENTION
         self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.cache_limit = attn.chunk  # chunked layers keep a ring of `chunk` slots (runtime.cache)
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
@@ -235,6 +294,25 @@ class _LayerPlan:
         self.down = _matmuls([dense.down_proj], dtype)
 
 
+# One query's attention as the graph's own loops rather than SDPA: torch's CPU flash attention costs ~7x
+# more in bfloat16 than in float32 at one query (measured: 300 vs 45 us over 320 keys, 1.9 vs 0.28 ms over
+# 2048), more than the layer's matmuls at long contexts. HERD_GRAPH_ATTENTION=0 keeps SDPA.
+GRAPH_ATTENTION = os.environ.get("HERD_GRAPH_ATTENTION", "1").lower() not in ("0", "false", "no", "off")
+
+
+def _one_query_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v for q [B, H, 1, D] over a cache k, v [B, KV, S, D] (H a multiple
+    of KV: grouped queries), mask bool [B, 1, 1, S]; in float32, the output rounded once to q's dtype."""
+    b, h, _, d = q.shape
+    kv = k.shape[1]
+    qg = q.float().view(b, kv, h // kv, 1, d)
+    scores = (qg * k.float()[:, :, None]).sum(-1) * scale  # [B, KV, G, S]
+    scores = scores.masked_fill(~mask[:, :, None, 0], float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    out = (weights[..., None] * v.float()[:, :, None]).sum(-2)  # [B, KV, G, D]
+    return out.view(b, h, 1, d).to(q.dtype)
+
+
 def _attention(p: _LayerPlan, h, positions, rot, k_cache, v_cache, pos_cache, slots):
     """``Attention.forward`` for one token: store its key/value by slot, attend over the cache buffers."""
     from ..model.attention import attention_mask
@@ -244,8 +322,12 @@ def _attention(p: _LayerPlan, h, positions, rot, k_cache, v_cache, pos_cache, sl
     k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
     pos_cache.index_copy_(1, slots, positions)
-    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=attention_mask(positions, pos_cache, attn.chunk),
-                                         enable_gqa=attn.n_kv != attn.n_heads, scale=1 / math.sqrt(attn.head_dim))
+    mask = attention_mask(positions, pos_cache, attn.chunk)
+    if p.graph_attention:
+        out = _one_query_attention(q, k_cache, v_cache, mask, 1 / math.sqrt(attn.head_dim))
+    else:
+        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=attn.n_kv != attn.n_heads,
+                                             scale=1 / math.sqrt(attn.head_dim))
     out = out.transpose(1, 2).reshape(*h.shape[:2], attn.n_heads * attn.head_dim)
     return _mm(out, p.o)[0]
 
