@@ -466,6 +466,23 @@ class VnniWeight:
 # ---------------------------------------------------------------------------------------------- dense bf16
 
 
+PLAIN_CHUNK_ROWS = 8192  # rows of a plain-layout bf16 matrix per oneDNN call (bounds its per-call re-layout copy)
+
+
+def _bf16_linear(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """oneDNN's bf16 linear on a prepacked matrix, or on a plain row-major one (``PackedBF16.use_plain``):
+    oneDNN then lays the weight out again on every call, into a temporary as large as the weight, so a tall
+    matrix (a 202k-row head: 414 MB) goes in slices of PLAIN_CHUNK_ROWS rows."""
+    op = torch.ops.mkldnn._linear_pointwise
+    n = matrix.shape[0]
+    if matrix.layout == torch._mkldnn or n <= PLAIN_CHUNK_ROWS:
+        return op(x, matrix, None, "none", [], "")
+    y = x.new_empty(*x.shape[:-1], n)
+    for i in range(0, n, PLAIN_CHUNK_ROWS):
+        y[..., i : i + PLAIN_CHUNK_ROWS] = op(x, matrix[i : i + PLAIN_CHUNK_ROWS], None, "none", [], "")
+    return y
+
+
 class PackedBF16:
     """A dense bfloat16 weight ([N, K], or an [E, N, K] expert stack) re-laid out once per matrix (per expert:
     on first use) for oneDNN's bf16 matmul; the results are bit-identical to ``F.linear``. ``linear`` returns
@@ -499,7 +516,7 @@ class PackedBF16:
     def linear(self, x: torch.Tensor, expert: int = 0) -> torch.Tensor | None:
         if not self._applies(x, [self]):
             return None
-        return torch.ops.mkldnn._linear_pointwise(x, self._matrix(expert), None, "none", [], "")
+        return _bf16_linear(x, self._matrix(expert))
 
     def prepare(self) -> None:
         for e in range(self.weight.shape[0] if self.weight.dim() == 3 else 1):
@@ -513,7 +530,7 @@ class PackedBF16:
         if not PackedBF16._applies(x, packs):
             return None
         fused = PackedBF16.fused_form(packs, expert)
-        y = torch.ops.mkldnn._linear_pointwise(x, fused._packed[0], None, "none", [], "")
+        y = _bf16_linear(x, fused._packed[0])
         return list(y.split(fused.sizes, dim=-1))
 
     @staticmethod
