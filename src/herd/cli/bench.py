@@ -82,10 +82,11 @@ def _run_herd(args) -> dict:
 
     t0 = time.perf_counter()
     llm = herd.load(args.model, dtype=args.dtype)
-    select_paths(llm.model, eager=True)  # repack every quantized weight now: load time, not prefill time
-    load_s = time.perf_counter() - t0
-    if args.compile:
+    if args.compile:  # its setup repacks every weight as it needs them
         llm.compile()
+    else:
+        select_paths(llm.model, eager=True)  # repack every quantized weight now: load time, not prefill time
+    load_s = time.perf_counter() - t0
     model = llm.model
     ids = _prompt(args.n_prompt, llm.config.vocab_size, llm.config.bos_token_id)
     with torch.inference_mode():

@@ -56,6 +56,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from ..switches import env_switch
 from . import formats
 from .formats import QType
 
@@ -503,8 +504,10 @@ class PackedBF16:
                     w = self.weight[expert] if self.weight.dim() == 3 else self.weight
                     # oneDNN's layout for an unknown batch, not the one for batch 1: the same bits, and faster at
                     # one row too (measured: layer-sized matrices 3-7% per pass, the 202k-row head 0-13%)
-                    packed = self._packed[expert] = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())
-                    huge_pages(packed)
+                    with building_weights():
+                        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())
+                        huge_pages(packed)
+                    self._packed[expert] = packed
                     release_pages(w)  # a memory-mapped (GGUF) weight's pages: the packed copy serves matmuls
         return packed
 
@@ -539,29 +542,39 @@ class PackedBF16:
         plain row-major layout, instead of oneDNN's: the compiled decode step reads such a copy itself
         (runtime/compiled.py), and one copy is enough. oneDNN takes plain weights too, at a per-call cost
         (one row: ~2.5x; 256 rows: ~6%)."""
-        target = PackedBF16.fused_form(packs, expert) if len(packs) > 1 else packs[0]
-        with target._lock:
-            target._packed[expert] = matrix
+        if len(packs) == 1:
+            with packs[0]._lock:
+                packs[0]._packed[expert] = matrix
+        else:
+            PackedBF16.fused_form(packs, expert, plain=matrix)
 
     @staticmethod
-    def fused_form(packs: list["PackedBF16"], expert: int = 0) -> "PackedBF16":
+    def fused_form(packs: list["PackedBF16"], expert: int = 0, plain: torch.Tensor | None = None) -> "PackedBF16":
         """The packed matrix of the parts' rows stacked (expert `expert` of stacks), built on first use; it
-        replaces the parts' own packed matrices."""
+        replaces the parts' own packed matrices. With `plain` (those rows stacked, row-major: see
+        ``use_plain``) that matrix serves instead, and no oneDNN layout is built."""
         first = packs[0]
         key = (tuple(id(p) for p in packs), expert)
         fused = first.__dict__.setdefault("_fused", {}).get(key)
-        if fused is None:
+        if fused is None or plain is not None:
             with first._lock:
                 fused = first._fused.get(key)
                 if fused is None:
                     rows = [p.weight[expert] if p.weight.dim() == 3 else p.weight for p in packs]
-                    fused = PackedBF16(torch.cat(rows))
+                    if plain is not None:
+                        fused = PackedBF16(plain)
+                        fused._packed[0] = plain
+                    else:
+                        with building_weights():
+                            fused = PackedBF16(torch.cat(rows))
+                            fused.prepare()
                     fused.sizes = [r.shape[0] for r in rows]
-                    fused.prepare()
                     fused.weight = None  # the stacked copy was only needed to lay out the packed one
                     for p in packs:
                         p._packed.pop(expert, None)
                     first._fused[key] = fused
+                elif plain is not None:
+                    fused._packed[0] = plain
         return fused
 
 
@@ -579,8 +592,9 @@ def shared_input_groups(model: torch.nn.Module):
                     yield m, ("gate_proj", "up_proj"), e
 
 
-def prepare_fused(model: torch.nn.Module) -> None:
-    """Build now the fused forms ``layers.linears`` would build on first use (so that work is load time)."""
+def prepare_fused(model: torch.nn.Module, pack_bf16: bool = True) -> None:
+    """Build now the fused forms ``layers.linears`` would build on first use (so that work is load time);
+    those of dense bfloat16 weights only with `pack_bf16`."""
     from .qtensor import QTensor
 
     for m, names, expert in shared_input_groups(model):
@@ -592,7 +606,8 @@ def prepare_fused(model: torch.nn.Module) -> None:
             packs = [m.__dict__.get("_packed", {}).get(n) for n in names]
             weights = parts
         if all(p is not None for p in packs):
-            PackedBF16.fused_form(packs, expert or 0)
+            if pack_bf16:
+                PackedBF16.fused_form(packs, expert or 0)
         elif all(isinstance(w, QTensor) for w in weights):
             QTensor.fused_form(weights, expert or 0)
 
@@ -614,18 +629,58 @@ def _c_library():
             import ctypes
 
             _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            # Repacking allocates large temporaries between the long-lived repacked weights; glibc's
-            # adaptive mmap threshold would then serve them from the heap, and the freed holes stay
-            # resident (measured: 3.2 GB instead of 1.4 GB for the Q4_K_M bench model). A fixed 1 MiB
-            # threshold returns every large temporary to the system when it is freed.
-            _libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            _libc.mallopt  # glibc, not some other C library
         except (OSError, AttributeError):
             _libc = False
+        else:
+            _set_malloc_phase(building=_building > 0)
     return _libc
 
 
+# glibc's malloc is tuned for the phase the process is in (M_MMAP_THRESHOLD / M_TRIM_THRESHOLD, fixed values,
+# which also stops glibc's own adaptive threshold):
+# - building weights (repacking, laying out, stacking): large temporaries are allocated between long-lived
+#   weights. Served from the heap, their freed holes stay resident (measured: 3.2 GB instead of 1.4 GB for the
+#   Q4_K_M bench model), so everything from 1 MiB up is its own mapping, returned when freed.
+# - running: a forward step's temporaries (int8 inputs, rescaled products, attention scores) are freed and
+#   allocated again every step. As fresh mappings each costs page faults on first touch (measured on the
+#   Q4_K_M bench model, 256-token prefill: 312 ms with the 1 MiB threshold, 174 ms with these), so they
+#   stay in the heap up to 32 MiB (glibc's own ceiling), and up to 512 MiB of free heap top is kept.
+_BUILD_MALLOC = (1 << 20, 128 << 10)  # (mmap threshold, trim threshold): glibc's defaults for trimming
+_RUN_MALLOC = (32 << 20, 512 << 20)
+_building = 0
+_building_lock = threading.Lock()
+
+
+def _set_malloc_phase(building: bool) -> None:
+    mmap_threshold, trim_threshold = _BUILD_MALLOC if building else _RUN_MALLOC
+    _libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+    _libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
+
+
+@contextlib.contextmanager
+def building_weights():
+    """Within this block long-lived weights are built (see the malloc phases above); blocks nest and may run
+    on several threads at once: the build phase lasts until the last one ends."""
+    global _building
+    with _building_lock:
+        _building += 1
+        if _building == 1 and _c_library():
+            _set_malloc_phase(building=True)
+            # what the running phase keeps free goes back to the system first; else the heap's free memory
+            # would serve the weights built now, and they would pin it
+            _libc.malloc_trim(0)
+    try:
+        yield
+    finally:
+        with _building_lock:
+            _building -= 1
+            if _building == 0 and _c_library():
+                _set_malloc_phase(building=False)
+
+
 _PAGE, _HUGE = 4096, 2 << 20  # x86-64's base page and transparent huge page
-_huge_pages_on = os.environ.get("HERD_HUGE_PAGES", "1").lower() not in ("0", "false", "no", "off")
+_huge_pages_on = env_switch("HERD_HUGE_PAGES", True)
 
 
 def _madvise(start: int, end: int, advice: int, align: int = _PAGE, outward: bool = False) -> bool:
@@ -681,7 +736,8 @@ def huge_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     nbytes = math.prod(shape) * dtype.itemsize
     if not _c_library() or not _huge_pages_on or nbytes < _HUGE:
         return torch.empty(shape, dtype=dtype)
-    raw = torch.empty(nbytes + _HUGE, dtype=torch.uint8)
+    with building_weights():  # a mapping of its own: heap memory may already be faulted in as 4 KiB pages
+        raw = torch.empty(nbytes + _HUGE, dtype=torch.uint8)
     skip = -raw.data_ptr() % _HUGE
     t = raw[skip : skip + nbytes].view(dtype).view(shape)
     _madvise(*_span(t), 14, _HUGE)  # MADV_HUGEPAGE
@@ -705,7 +761,11 @@ def populate_pages(t: torch.Tensor) -> bool:
 
 def build(path: str, blocks: torch.Tensor, qtype, shape: tuple[int, int]):
     """The repacked form of one [out, in] matrix given its GGUF blocks [out, row_bytes]."""
-    _c_library()
+    with building_weights():
+        return _build(path, blocks, qtype, shape)
+
+
+def _build(path: str, blocks: torch.Tensor, qtype, shape: tuple[int, int]):
     if path in ("int4", "int4x2"):
         bits = CODE_BITS[formats.format_of(qtype).qtype]
         parts = [Int4Weight(*affine_parts(blocks[i : i + BUILD_ROWS], qtype), bits=bits)
@@ -730,10 +790,17 @@ def build(path: str, blocks: torch.Tensor, qtype, shape: tuple[int, int]):
     raise ValueError(f"no repacked form for path {path!r}")
 
 
-def select_paths(model: torch.nn.Module, eager: bool = False, progress: bool = False) -> dict[str, int]:
+def select_paths(model: torch.nn.Module, eager: bool = False, progress: bool = False,
+                 pack_bf16: bool = True) -> dict[str, int]:
     """Give every quantized weight of `model` its path (repacked lazily on first use, or now if `eager`);
-    -> how many weights took each path. Does nothing while the fast paths are disabled, but read embedding
-    tables in (``populate_pages``)."""
+    -> how many weights took each path. Dense bfloat16 weights get oneDNN's layout the same way, now only
+    with `pack_bf16` (the compiled decode step gives them a plain copy instead: one copy, not two). Does
+    nothing while the fast paths are disabled, but read embedding tables in (``populate_pages``)."""
+    with building_weights():
+        return _select_paths(model, eager, progress, pack_bf16)
+
+
+def _select_paths(model: torch.nn.Module, eager: bool, progress: bool, pack_bf16: bool) -> dict[str, int]:
     from .qtensor import QTensor
 
     from ..model.layers import Embedding
@@ -770,7 +837,9 @@ def select_paths(model: torch.nn.Module, eager: bool = False, progress: bool = F
         if eager:
             w.prepare()
     if eager:  # fused groups first, then every packed weight that is not part of one
-        prepare_fused(model)
+        prepare_fused(model, pack_bf16)
+        if not pack_bf16:
+            return counts
         fused = set()  # (id of the module holding the pack, parameter name) of every fused part
         for m, names, expert in shared_input_groups(model):
             fused.update((id(m), n) if expert is not None else (id(getattr(m, n)), "weight") for n in names)
@@ -781,4 +850,4 @@ def select_paths(model: torch.nn.Module, eager: bool = False, progress: bool = F
     return counts
 
 __all__ = ["PATHS", "SMALL_BATCH", "Int4Weight", "Int8Weight", "VnniWeight", "QuantizedInput", "has_int8_dot", "quantize_rows", "exact", "release_pages", "populate_pages", "huge_pages", "PackedBF16", "has_bf16_dot", "prepare_fused", "shared_input_groups", "enabled", "set_enabled", "path_for",
-           "affine_parts", "build", "select_paths"]
+           "affine_parts", "build", "building_weights", "select_paths"]

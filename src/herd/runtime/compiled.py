@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
 import types
 from typing import Any, Callable
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.layers import Linear, linear, linears
+from ..switches import env_switch
 
 _CALLS: dict[int, Callable[..., Any]] = {}  # handle -> what the custom ops run eagerly
 _OUT: dict[int, list[int]] = {}  # handle -> output widths (for the ops' shapes while tracing)
@@ -147,7 +147,7 @@ _NO_EXPERT = torch.zeros(1, dtype=torch.long)  # herd::int_mm's expert argument 
 # bench model, AVX-512 BF16, 2 threads, one process: 18.8 vs 26.4 ms per step); HERD_GRAPH_GEMV=0 keeps the
 # oneDNN calls. With it, the compiled step keeps one row-major copy of those weights, which eager calls
 # share (``PackedBF16.use_plain``)
-GRAPH_GEMV = os.environ.get("HERD_GRAPH_GEMV", "1").lower() not in ("0", "false", "no", "off")
+GRAPH_GEMV = env_switch("HERD_GRAPH_GEMV", True)
 
 
 def _stacked(weights: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -297,7 +297,7 @@ class _LayerPlan:
 # One query's attention as the graph's own loops rather than SDPA: torch's CPU flash attention costs ~7x
 # more in bfloat16 than in float32 at one query (measured: 300 vs 45 us over 320 keys, 1.9 vs 0.28 ms over
 # 2048), more than the layer's matmuls at long contexts. HERD_GRAPH_ATTENTION=0 keeps SDPA.
-GRAPH_ATTENTION = os.environ.get("HERD_GRAPH_ATTENTION", "1").lower() not in ("0", "false", "no", "off")
+GRAPH_ATTENTION = env_switch("HERD_GRAPH_ATTENTION", True)
 
 
 def _one_query_attention(q, k, v, mask, scale: float) -> torch.Tensor:
@@ -464,11 +464,14 @@ def compile_decode(model: nn.Module) -> DecodeStep:
     """Attach a compiled one-token decode step to `model` (a Llama4TextModel): its forward then runs every
     batch-1, one-token cached step the graph covers through it (compiled on the first such step). Call
     after the model's weights and paths are final; ``release_decode`` detaches it."""
-    from ..quant.kernels import select_paths
+    from ..quant.kernels import building_weights, select_paths
 
     release_decode(model)
-    select_paths(model, eager=True, progress=True)  # every repacked and fused form exists before it is captured
-    step = DecodeStep(model)
+    with building_weights():
+        # every repacked and fused form exists before it is captured; bf16 weights the graph multiplies itself
+        # get their plain copies from the step, not oneDNN layouts first
+        select_paths(model, eager=True, progress=True, pack_bf16=not GRAPH_GEMV)
+        step = DecodeStep(model)
     model.__dict__["_decode_step"] = step
     return step
 
@@ -481,4 +484,4 @@ def release_decode(model: nn.Module) -> None:
 
 def wanted() -> bool:
     """``HERD_COMPILE=1`` asks for compiled decoding wherever herd loads a model (as ``--compile`` does)."""
-    return os.environ.get("HERD_COMPILE", "0").lower() in ("1", "true", "yes", "on")
+    return env_switch("HERD_COMPILE", False)
