@@ -408,3 +408,17 @@ def test_huge_empty_is_aligned_and_faults_in_huge_pages():
     small = kernels.huge_empty((16, 16), torch.float32)  # below two huge pages: a plain tensor
     assert small.shape == (16, 16) and small.dtype == torch.float32
 
+
+
+def test_building_weights_nests_and_restores_the_running_phase(monkeypatch):
+    """The malloc phase is the build one while any build block is open (nested or not), the running one after."""
+    if not kernels._c_library():
+        pytest.skip("no glibc: the malloc phases do not apply")  # stated: nothing to tune without glibc
+    phases = []
+    monkeypatch.setattr(kernels, "_set_malloc_phase", lambda building: phases.append(building))
+    with kernels.building_weights():
+        with kernels.building_weights():
+            assert kernels._building == 2
+        assert kernels._building == 1
+    assert kernels._building == 0
+    assert phases == [True, False]  # set once on entering, once on leaving the outermost block

@@ -7,10 +7,13 @@ one difference is that routed experts are stored per projection as [E, out, in].
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from ..config import Config
+from ..quant import kernels
 from ..runtime.cache import KVCache
 from .attention import Attention
 from .layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU
@@ -82,8 +85,10 @@ class Llama4TextModel(nn.Module):
         else:
             contiguous_from_zero = False
         rot = self.model.rotary_emb(positions)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, rot, cache.layers[i] if cache is not None else None, contiguous_from_zero)
+        # many tokens: large temporaries in every layer, better kept in the heap than mapped afresh (kernels)
+        with kernels.large_temporaries() if b * t > 1 else contextlib.nullcontext():
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, positions, rot, cache.layers[i] if cache is not None else None, contiguous_from_zero)
         if cache is not None:
             cache.advance(t)
         if last_only:
