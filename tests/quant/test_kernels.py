@@ -411,14 +411,28 @@ def test_huge_empty_is_aligned_and_faults_in_huge_pages():
 
 
 def test_building_weights_nests_and_restores_the_running_phase(monkeypatch):
-    """The malloc phase is the build one while any build block is open (nested or not), the running one after."""
-    if not kernels._c_library():
-        pytest.skip("no glibc: the malloc phases do not apply")  # stated: nothing to tune without glibc
-    phases = []
-    monkeypatch.setattr(kernels, "_set_malloc_phase", lambda building: phases.append(building))
-    with kernels.building_weights():
+    """The malloc phase is the build one while any build block is open (nested or not, inside a prefill or
+    not), the prefill one while only prefill blocks are, and glibc is told only when the phase changes."""
+    calls = []
+
+    class FakeLibc:  # records what glibc would be told
+        def mallopt(self, option, value):
+            calls.append(("mallopt", option, value))
+
+        def malloc_trim(self, pad):
+            calls.append(("trim",))
+
+    monkeypatch.setattr(kernels, "_libc", FakeLibc())
+    monkeypatch.setattr(kernels, "_applied", kernels._BUILD_MALLOC)
+    build = [("mallopt", -3, 1 << 20), ("mallopt", -1, 128 << 10), ("trim",)]
+    prefill = [("mallopt", -3, 32 << 20), ("mallopt", -1, 512 << 20)]
+    with kernels.large_temporaries():
+        assert calls == prefill
         with kernels.building_weights():
-            assert kernels._building == 2
-        assert kernels._building == 1
-    assert kernels._building == 0
-    assert phases == [True, False]  # set once on entering, once on leaving the outermost block
+            with kernels.building_weights():
+                assert kernels._building == 2
+            assert kernels._building == 1
+        assert kernels._building == 0
+        assert calls == prefill + build + prefill  # set once on entering, once on leaving the outermost block
+    assert kernels._prefilling == 0
+    assert calls == prefill + build + prefill + build

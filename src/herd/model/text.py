@@ -85,8 +85,9 @@ class Llama4TextModel(nn.Module):
         else:
             contiguous_from_zero = False
         rot = self.model.rotary_emb(positions)
-        # many tokens: large temporaries in every layer, better kept in the heap than mapped afresh (kernels)
-        with kernels.large_temporaries() if b * t > 1 else contextlib.nullcontext():
+        # a prompt: large temporaries in every layer, better kept in the heap than mapped afresh (kernels);
+        # one token per row is a decode step, batched or not
+        with kernels.large_temporaries() if t > 1 else contextlib.nullcontext():
             for i, layer in enumerate(self.model.layers):
                 x = layer(x, positions, rot, cache.layers[i] if cache is not None else None, contiguous_from_zero)
         if cache is not None:

@@ -632,8 +632,6 @@ def _c_library():
             _libc.mallopt  # glibc, not some other C library
         except (OSError, AttributeError):
             _libc = False
-        else:
-            _set_malloc_phase(building=_building > 0)
     return _libc
 
 
@@ -651,54 +649,49 @@ def _c_library():
 #   them, 50-53 with the prefill ones (the heap's reuse of a step's small buffers costs more than it saves).
 _BUILD_MALLOC = (1 << 20, 128 << 10)  # (mmap threshold, trim threshold): glibc's defaults for trimming
 _PREFILL_MALLOC = (32 << 20, 512 << 20)
-_building = _prefilling = 0
-_building_lock = threading.Lock()
+_building = _prefilling = 0  # open blocks of each phase (nested, or on several threads)
+_applied: tuple[int, int] | None = None  # the values last given to glibc (None: glibc's own adaptive ones)
+_phase_lock = threading.Lock()
 
 
-def _set_malloc_phase(building: bool) -> None:
-    mmap_threshold, trim_threshold = _PREFILL_MALLOC if _prefilling and not building else _BUILD_MALLOC
-    _libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
-    _libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
+def _apply_malloc_phase() -> None:
+    """Give glibc the values of the phase the open blocks make (a build wins over a prefill around it)."""
+    global _applied
+    values = _PREFILL_MALLOC if _prefilling and not _building else _BUILD_MALLOC
+    if values == _applied or not _c_library():
+        return
+    _libc.mallopt(-3, values[0])  # M_MMAP_THRESHOLD
+    _libc.mallopt(-1, values[1])  # M_TRIM_THRESHOLD
+    _applied = values
+    if values == _BUILD_MALLOC:
+        # what a heap-keeping phase (herd's or glibc's adaptive one) left free goes back to the system: else
+        # weights built next would be served from it and pin it, and decode steps start from a small heap
+        _libc.malloc_trim(0)
 
 
 @contextlib.contextmanager
+def _malloc_phase(counter: str):
+    with _phase_lock:
+        globals()[counter] += 1
+        _apply_malloc_phase()
+    try:
+        yield
+    finally:
+        with _phase_lock:
+            globals()[counter] -= 1
+            _apply_malloc_phase()
+
+
 def large_temporaries():
-    """Within this block a forward pass over many tokens runs (see the malloc phases above); blocks nest and
-    may run on several threads at once. A build inside it still gets the build phase."""
-    global _prefilling
-    with _building_lock:
-        _prefilling += 1
-        if _prefilling == 1 and not _building and _c_library():
-            _set_malloc_phase(building=False)
-    try:
-        yield
-    finally:
-        with _building_lock:
-            _prefilling -= 1
-            if _prefilling == 0 and not _building and _c_library():
-                _set_malloc_phase(building=False)
-                _libc.malloc_trim(0)  # decode steps then start from the heap they had before the prefill
+    """Within this block a forward pass over many tokens runs (see the malloc phases above). A build inside
+    it still gets the build phase."""
+    return _malloc_phase("_prefilling")
 
 
-@contextlib.contextmanager
 def building_weights():
-    """Within this block long-lived weights are built (see the malloc phases above); blocks nest and may run
-    on several threads at once: the build phase lasts until the last one ends."""
-    global _building
-    with _building_lock:
-        _building += 1
-        if _building == 1 and _c_library():
-            _set_malloc_phase(building=True)
-            # what the running phase keeps free goes back to the system first; else the heap's free memory
-            # would serve the weights built now, and they would pin it
-            _libc.malloc_trim(0)
-    try:
-        yield
-    finally:
-        with _building_lock:
-            _building -= 1
-            if _building == 0 and _c_library():
-                _set_malloc_phase(building=False)
+    """Within this block long-lived weights are built (see the malloc phases above); the build phase lasts
+    until the last open block ends."""
+    return _malloc_phase("_building")
 
 
 _PAGE, _HUGE = 4096, 2 << 20  # x86-64's base page and transparent huge page
