@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from herd.quant import formats, kernels
+from herd.quant import formats, kernels, native
 from herd.quant.qtensor import QTensor
 
 INT4 = ["Q4_0", "Q4_1", "Q4_K"]
@@ -58,8 +58,12 @@ def test_affine_parts_decode_exactly(q):
 
 def test_path_selection(vnni):
     if vnni:
+        kq = native.vectorized()
         for q in INT4 + INT4X2 + INT8:
-            assert kernels.path_for(q, (4, 48, 256)) == "vnni"  # any shape: rows are independent
+            # Q4_K / Q6_K take herd's own kernels where they are built (rows a multiple of 16)
+            want = "kquant" if kq and q in ("Q4_K", "Q6_K") else "vnni"
+            assert kernels.path_for(q, (4, 48, 256)) == want  # any shape: rows are independent
+            assert kernels.path_for(q, (4, 40, 256)) == "vnni"
         assert kernels.path_for("IQ2_XXS", (64, 256)) == "dequant"
         return
     for q in INT4:
@@ -215,7 +219,7 @@ def test_model_logits_with_fast_paths_on_and_off(tiny_gguf, vnni):
         kernels.set_enabled(True)
     llm = herd.load(tiny_gguf)
     paths = {w._fast_path for m in llm.model.modules() for w in vars(m).values() if isinstance(w, QTensor)}
-    assert paths - {None} == {"vnni"} if vnni else {"int4", "int4x2", "int8"} <= paths, paths  # None: embedding
+    assert paths - {None} <= {"vnni", "kquant"} if vnni else {"int4", "int4x2", "int8"} <= paths, paths  # None: embedding
     fast = llm.logits(ids)
     kld = torch.nn.functional.kl_div(fast.log_softmax(-1), exact.log_softmax(-1), log_target=True,
                                      reduction="none").sum(-1).mean().item()
@@ -278,6 +282,7 @@ def test_bf16_model_logits_identical_with_packing(quant_model):
 def test_tall_vnni_weight_is_prepacked_for_onednn(monkeypatch):
     """An output-head-sized matrix (>= PREPACK_ROWS rows) runs oneDNN's int8 linear on a layout made once;
     its input is quantized per tensor, so one row gives the same integers as the per-row path."""
+    monkeypatch.setattr(kernels, "native_kquant", lambda q, shape: False)  # the int8 / int4 forms
     monkeypatch.setattr(kernels, "_VNNI", True)
     w = _qt((kernels.PREPACK_ROWS, 256), "Q6_K")
     w.use_fast_path()
@@ -294,6 +299,7 @@ def test_tall_vnni_weight_is_prepacked_for_onednn(monkeypatch):
 def test_compact_mode_keeps_4_bit_types_4_bit(monkeypatch):
     """HERD_FAST_KERNELS=int4: on a VNNI CPU, 4-bit affine types keep torch's int4 pack (half the memory of
     int8); every other type still takes the VNNI path."""
+    monkeypatch.setattr(kernels, "native_kquant", lambda q, shape: False)  # the int8 / int4 forms
     monkeypatch.setattr(kernels, "_VNNI", True)
     monkeypatch.setattr(kernels, "_prefer_int4", True)
     for q in INT4:

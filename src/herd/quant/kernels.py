@@ -137,12 +137,22 @@ def exact():
 def path_for(qtype, shape: tuple[int, ...]) -> str:
     """The path a weight of this type and shape ([out, in] or [E, out, in]) gets."""
     path = PATHS.get(formats.format_of(qtype).qtype, "dequant")
+    if has_int8_dot() and native_kquant(qtype, shape):
+        return "kquant"
     if path != "dequant" and has_int8_dot() and not (_prefer_int4 and path == "int4"):
         return "vnni"
     out, k = shape[-2], shape[-1]
     if path.startswith("int4") and (not row_block() or out % row_block() or k % GROUP):
         return "dequant"  # Int4Weight.dequantize reads torch's int4 layout (blocks of 32 or 64 output rows)
     return path
+
+
+def native_kquant(qtype, shape: tuple[int, ...]) -> bool:
+    """Whether a weight takes herd's own K-quant kernels (``native``): Q4_K / Q6_K of a fitting shape, with
+    the kernels built for AVX512-VNNI."""
+    from . import native
+
+    return native.supports(qtype, shape) and native.vectorized()
 
 
 def _buffer(numel: int) -> torch.Tensor:
@@ -798,6 +808,10 @@ def _build(path: str, blocks: torch.Tensor, qtype, shape: tuple[int, int]):
         w.maybe_prepack()
         huge_pages(w._qpacked)  # oneDNN's copy of a tall matrix (its plain codes came from huge_empty)
         return w
+    if path == "kquant":
+        from .native import KQuantWeight
+
+        return KQuantWeight.build(blocks, qtype, shape)
     if path == "int8":
         parts = [Int8Weight(formats.dequantize(blocks[i : i + BUILD_ROWS], qtype, (min(BUILD_ROWS, shape[0] - i), shape[1])))
                  for i in range(0, shape[0], BUILD_ROWS)]

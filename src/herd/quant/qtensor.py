@@ -253,23 +253,30 @@ class QTensor:
 
     @staticmethod
     def fused_form(weights: list["QTensor"], expert: int = 0):
-        """The one ``VnniWeight`` holding the rows of `weights` (expert `expert` of stacks), built on first
-        use; None unless every weight is on the ``vnni`` path."""
-        from . import kernels
+        """The one ``VnniWeight`` (or ``native.KQuantWeight``) holding the rows of `weights` (expert `expert`
+        of stacks), built on first use; None unless every weight is on the ``vnni`` path (or every one on the
+        ``kquant`` path, of one type)."""
+        from . import kernels, native
 
         key = (tuple(id(w) for w in weights), expert)
         fused = weights[0]._fused.get(key)
-        if fused is not None and kernels.enabled() and all(w._fast_path == "vnni" for w in weights):
+        if fused is not None and kernels.enabled() and all(w._fast_path in ("vnni", "kquant") for w in weights):
             # built before: the parts' repacked forms need not be looked up again (once per layer per step)
             return fused
         forms = [w._repacked(expert) if w._fast_path else None for w in weights]
-        if len(forms) < 2 or not all(isinstance(f, kernels.VnniWeight) and f._qpacked is None for f in forms):
+        if len(forms) < 2:
+            return None
+        if all(isinstance(f, kernels.VnniWeight) and f._qpacked is None for f in forms):
+            kind = kernels.VnniWeight
+        elif all(isinstance(f, native.KQuantWeight) and f.qtype == forms[0].qtype for f in forms):
+            kind = native.KQuantWeight  # one type only: a Q6_K v beside Q4_K q, k runs as its own call
+        else:
             return None
         if fused is None:
             with weights[0]._fast_lock:
                 fused = weights[0]._fused.get(key)
                 if fused is None:
-                    fused = kernels.VnniWeight.fuse(forms)
+                    fused = kind.fuse(forms)
                     fused.sizes = [f.shape[0] for f in forms]
                     weights[0]._fused[key] = fused
         return fused

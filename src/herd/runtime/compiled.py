@@ -103,8 +103,8 @@ class _Matmuls:
     itself and calls herd::int_mm for the integer product alone; otherwise herd::matmuls runs the eager form."""
 
     def __init__(self, fn, widths: list[int], scale: torch.Tensor | None = None, codes: list[torch.Tensor] | None = None,
-                 dense: torch.Tensor | None = None):
-        self.widths, self.scale, self.dense = widths, scale, dense
+                 dense: torch.Tensor | None = None, kquant: list[int] | None = None):
+        self.widths, self.scale, self.dense, self.kquant = widths, scale, dense, kquant
         self.handle = _register(fn, widths, codes)
 
 
@@ -131,8 +131,21 @@ def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype).view(*x.shape[:-1], w.shape[-2])
 
 
+def _kquant(x: torch.Tensor, handles: list[int], expert: torch.Tensor) -> torch.Tensor:
+    """Products by herd's K-quant kernels (``quant.native``: one op per packed matrix, the input quantized
+    inside it), side by side, in x's dtype."""
+    from ..quant.native import product
+
+    x2 = x.reshape(-1, x.shape[-1])
+    ys = [product(x2, h, expert) for h in handles]
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+    return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+
+
 def _mm(x: torch.Tensor, m: _Matmuls) -> list[torch.Tensor]:
-    if m.dense is not None:
+    if m.kquant is not None:
+        y = _kquant(x, m.kquant, _NO_EXPERT)
+    elif m.dense is not None:
         y = _gemv(x, m.dense)
     elif m.scale is None:
         y = torch.ops.herd.matmuls(x, m.handle)
@@ -183,6 +196,7 @@ def _matmuls(modules: list[nn.Module], dtype: torch.dtype) -> _Matmuls:
     """The graph's call of `modules` (Linear layers reading one x) through the form eager mode uses for them
     (``layers.linears``), looked up once here instead of on every call."""
     from ..quant.kernels import PackedBF16
+    from ..quant.native import KQuantWeight
     from ..quant.qtensor import QTensor
 
     widths = [m.out_features if isinstance(m, Linear) else m.weight.shape[0] for m in modules]
@@ -197,6 +211,11 @@ def _matmuls(modules: list[nn.Module], dtype: torch.dtype) -> _Matmuls:
         return _Matmuls(lambda x: torch.ops.mkldnn._linear_pointwise(x, matrix, None, "none", [], ""), widths)
     if all(isinstance(w, QTensor) for w in weights) and not any(p is not None for p in packs):
         form = QTensor.fused_form(weights) if len(weights) > 1 else weights[0]._repacked(0) if weights[0]._fast_path else None
+        own = [w._repacked(0) if w._fast_path else None for w in weights]
+        if isinstance(form, KQuantWeight):
+            return _Matmuls(None, widths, kquant=[form.handle])
+        if form is None and all(isinstance(f, KQuantWeight) for f in own):  # parts of different types
+            return _Matmuls(None, widths, kquant=[f.handle for f in own])
         if _plain_int8(form):
             return _Matmuls(None, widths, form.scale, [form._codes_t])
         if form is not None:
@@ -215,11 +234,13 @@ class _Routed:
 
     def __init__(self, experts: nn.Module, dtype: torch.dtype):
         from ..quant.kernels import PackedBF16
+        from ..quant.native import KQuantWeight
         from ..quant.qtensor import QTensor
 
         n, hidden = experts.num_experts, experts.down_proj.shape[1]
         self.width = experts.gate_proj.shape[1]
         self.int8 = False
+        self.kquant_gate_up = None
         packed = experts.__dict__.get("_packed")
         self.gate_up_dense = None
         if dtype == torch.bfloat16 and packed is not None and len(packed) == 3 and GRAPH_GEMV:
@@ -245,6 +266,12 @@ class _Routed:
         if packed is None and all(isinstance(w, QTensor) and w._fast_path for w in stacks):
             gu = [QTensor.fused_form(stacks[:2], e) for e in range(n)]
             down = [stacks[2]._repacked(e) for e in range(n)]
+            if all(isinstance(f, KQuantWeight) for f in gu + down) and len({f.qtype for f in gu}) == 1:
+                from ..quant.native import register
+
+                self.kquant_gate_up = register([f.blob for f in gu], gu[0].qtype, gu[0].shape)
+                self.kquant_down = register([f.blob for f in down], down[0].qtype, down[0].shape)
+                return
             if all(_plain_int8(f) for f in gu + down):
                 self.int8 = True
                 self.gate_up = _register(None, [2 * self.width], [f._codes_t for f in gu])
@@ -261,6 +288,9 @@ def _routed(r: _Routed, x: torch.Tensor, top_id: torch.Tensor) -> torch.Tensor:
         ids = top_id.reshape(-1)
         g, u = _gemv(x, r.gate_up_dense[ids]).split(r.width, dim=-1)
         return _gemv(F.silu(g).mul_(u), r.down_dense[ids])
+    if r.kquant_gate_up is not None:
+        g, u = _kquant(x, [r.kquant_gate_up], top_id).split(r.width, dim=-1)
+        return _kquant(F.silu(g).mul_(u), [r.kquant_down], top_id)
     if not r.int8:
         return torch.ops.herd.expert(x, top_id, r.handle)
     ids = top_id.reshape(-1)
