@@ -16,6 +16,8 @@ stacks, so a decode step repacks and reads only the experts it selects) and the 
   beyond its streaming, where fbgemm's one-op dynamic int8 linear (tried before) costs ~26 us, and it ran
   1536-2048 x 1024 matrices ~1.4-2.3x faster at 256 rows; the compiled decode step fuses the input
   quantization and scales around it (runtime/compiled.py).
+* ``kquant`` — Q4_K and Q6_K on such a CPU, where herd's own kernels are built (``native``): the type's own
+  codes and scales, read at its own width; ``vnni`` serves them otherwise.
 * ``int4`` — Q4_0, Q4_1, Q4_K: each value is code * step + offset with a 4-bit code and one (step, offset)
   per 32 values (Q4_0: d, -8d; Q4_1: d, m; Q4_K: d*sc, -dmin*m per sub-block), which is torch's int4
   format ``(code - 8) * scale + zero`` with scale = step, zero = offset + 8*step; small batches run
