@@ -154,6 +154,12 @@ def test_quantized_steps_match_eager(quantized_gguf, dtype):
         # (Q4_K / Q6_K weights: herd's own K-quant kernels, which quantize their input themselves)
         assert all(g.scale is not None or g.kquant is not None for g in groups)
         assert all(p.expert.int8 or p.expert.kquant_gate_up is not None for p in step.plans if p.is_moe)
+    expert_handles = [h for p in step.plans if p.is_moe and p.expert.kquant_gate_up is not None
+                      for h in (p.expert.kquant_gate_up, p.expert.kquant_down)]
+    step.release()  # the C++ side lets go of the experts' matrices registered for the step
+    for h in expert_handles:
+        with pytest.raises(RuntimeError, match="no weight"):
+            torch.ops.herd_kquant.mm(torch.zeros(1, 256), torch.zeros(1, dtype=torch.long), h)
     if dtype == "bf16":  # one-query attention in float32 in the graph, SDPA's bf16 kernel in eager mode
         scale = want.float().abs().amax(-1, keepdim=True)
         assert ((got.float() - want.float()).abs() <= 0.05 * scale).all()

@@ -197,6 +197,12 @@ def register(blobs: list[torch.Tensor], qtype, shape: tuple[int, int]) -> int:
     return handle
 
 
+def unregister(handle: int) -> None:
+    """Forget a handle: the C++ side lets go of its matrices."""
+    torch.ops.herd_kquant.drop(handle)
+    _WIDTH.pop(handle, None)
+
+
 def _fake_mm(x, expert, handle):
     return x.new_empty(x.shape[0], _WIDTH[handle], dtype=torch.float32)
 
@@ -247,7 +253,7 @@ class KQuantWeight:
         fused = cls(blob, parts[0].qtype, (sum(p.shape[0] for p in parts), parts[0].shape[1]))
         start = 0
         for p in parts:
-            torch.ops.herd_kquant.drop(p.handle)
+            unregister(p.handle)
             p.blob = blob[start : start + p.blob.numel()]
             p.handle = register([p.blob], p.qtype, p.shape)
             start += p.blob.numel()
@@ -264,6 +270,6 @@ class KQuantWeight:
 
     def __del__(self):
         try:
-            torch.ops.herd_kquant.drop(self.handle)
+            unregister(self.handle)
         except Exception:  # interpreter shutdown: the library may be gone already
             pass

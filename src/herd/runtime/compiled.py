@@ -437,6 +437,13 @@ class DecodeStep:
             _CALLS.pop(h, None)
             _CODES.pop(h, None)
             _OUT.pop(h, None)
+        from ..quant.native import unregister
+
+        for p in self.plans:  # the routed experts' K-quant handles (one matrix per expert, held in C++)
+            if p.is_moe and p.expert.kquant_gate_up is not None:
+                unregister(p.expert.kquant_gate_up)
+                unregister(p.expert.kquant_down)
+                p.expert.kquant_gate_up = None
         self.model.__dict__.pop("_decode_step", None)
 
     def _graph(self, input_ids, positions, rot, k_caches, v_caches, pos_caches):
